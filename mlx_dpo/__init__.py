@@ -1,0 +1,9 @@
+"""mlx-dpo: Direct Preference Optimization on MLX.
+
+Importing the package prepares the runtime (Metal env vars, optimized BLAS) before MLX loads.
+"""
+from .hardware import prepare_runtime as _prepare_runtime
+
+_prepare_runtime()
+
+__version__ = "0.1.0"

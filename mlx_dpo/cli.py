@@ -1,0 +1,41 @@
+"""The `mlx-dpo` command: a click group whose subcommands live in mlx_dpo/commands/.
+
+Only parsing and error mapping happen here: a UserError prints its message and exits with
+its code (2 for bad input), with no traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mlx-dpo")
+def main():
+    """Direct Preference Optimization of language models on MLX.
+
+    Run `mlx-dpo train` with no argument for a 2-minute smoke run on a bundled tiny model.
+    """
+
+
+def _register() -> None:
+    from .commands import train
+
+    main.add_command(train.train)
+    # One line per command module; keep them sorted.
+
+
+_register()

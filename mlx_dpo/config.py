@@ -1,0 +1,319 @@
+"""The typed configuration tree: the one place where every key, default and help text lives.
+
+The YAML has the workflow template's sections (model, data, training, optimization,
+constraints, compute, logging). Loading validates everything before any model is touched:
+unknown keys, wrong types and impossible values raise `ConfigError` naming file and key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A config problem a user must fix; the CLI prints it and exits with code 2."""
+
+
+def opt(default, help: str, choices=None, min=None, gt=None, max=None, lt=None):
+    """A config field with its help text and constraints (min/max inclusive, gt/lt strict)."""
+    meta = dict(help=help, choices=choices, min=min, gt=gt, max=max, lt=lt)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    base_model: Optional[str] = opt(None, "Hugging Face repo id or local mlx-lm directory of the model.")
+    reference_model: Optional[str] = opt(None, "Frozen reference (the SFT checkpoint). Default: base_model.")
+    policy_model: Optional[str] = opt(None, "Model the policy starts from. Default: reference_model.")
+    finetune: str = opt("lora", "lora: train adapters, reference = adapters off. full: train all weights.",
+                        choices=["lora", "full"])
+    lora_rank: int = opt(8, "LoRA rank.", min=1)
+    lora_scale: float = opt(20.0, "LoRA scale (mlx-lm's `scale`, i.e. alpha / rank).", gt=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", min=0, lt=1)
+    lora_layers: int = opt(-1, "Number of transformer blocks (from the top) that get adapters; -1 = all.", min=-1)
+    lora_keys: Optional[list] = opt(None, "Module paths inside a block to adapt, e.g. [self_attn.q_proj, "
+                                          "self_attn.v_proj]. Default: every linear layer.")
+    trust_remote_code: bool = opt(False, "Allow model code shipped with a Hugging Face repo.")
+
+
+@dataclass
+class DataConfig:
+    train_file: Optional[str] = opt(None, "JSONL preference pairs for training.")
+    validation_file: Optional[str] = opt(None, "JSONL preference pairs for evaluation (eval/ metrics, KL).")
+    max_prompt_length: int = opt(512, "Prompt tokens kept (the end of longer prompts is kept).", min=1)
+    max_response_length: int = opt(1024, "Completion tokens kept, EOS included (the start is kept).", min=1)
+    chat_template: str = opt("auto", "Apply the tokenizer's chat template: auto (when it has one), on, off.",
+                             choices=["auto", "on", "off"])
+    on_bad_record: str = opt("error", "A malformed record stops the run (error) or is skipped and counted (skip).",
+                             choices=["error", "skip"])
+    max_eval_pairs: int = opt(0, "Evaluate on at most this many validation pairs; 0 = all.", min=0)
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = opt(1.0e-6, "Peak learning rate.", gt=0)
+    beta: float = opt(0.1, "DPO beta: strength of the implicit KL penalty.", gt=0)
+    batch_size: Union[int, str] = opt(4, "Pairs per micro-batch per device, or `auto` (per-chip table).", min=1)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
+    max_steps: int = opt(1000, "Optimizer steps to train.", min=1)
+    warmup_steps: int = opt(0, "Linear warm-up steps from 0 to learning_rate.", min=0)
+    logging_steps: int = opt(10, "Log training metrics every N steps.", min=1)
+    eval_steps: int = opt(100, "Evaluate on the validation file every N steps (and at 0 and the end).", min=1)
+    save_steps: int = opt(100, "Save a checkpoint every N steps (and at the end).", min=1)
+    loss_type: str = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo, hinge, robust.",
+                         choices=["sigmoid", "ipo", "hinge", "robust"])
+    label_smoothing: float = opt(0.0, "Assumed label-noise rate for sigmoid (cDPO) and robust losses.", min=0, lt=0.5)
+    seed: int = opt(42, "Seed for data order, LoRA initialisation and dropout.")
+    max_bad_steps: int = opt(3, "Consecutive non-finite steps (skipped) before the run stops.", min=1)
+
+
+@dataclass
+class OptimizationConfig:
+    optimizer: str = opt("adamw", "Optimizer.", choices=["adamw"])
+    weight_decay: float = opt(0.01, "AdamW decoupled weight decay.", min=0)
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
+    lr_scheduler: str = opt("cosine", "Schedule after warm-up.", choices=["cosine", "linear", "constant"])
+    min_lr_ratio: float = opt(0.0, "Final learning rate of cosine/linear decay, as a fraction of the peak.",
+                              min=0, max=1)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW beta2.", min=0, lt=1)
+    adam_epsilon: float = opt(1.0e-8, "AdamW epsilon.", gt=0)
+
+
+@dataclass
+class ConstraintsConfig:
+    kl_target: float = opt(0.1, "Maximum validation KL(policy || reference) per completion token.", gt=0)
+    preference_gap_target: float = opt(0.15, "Minimum preference gap on the validation pairs.", min=0, max=1)
+
+
+@dataclass
+class ComputeConfig:
+    fp16: bool = opt(False, "Half-precision base weights where the device supports it (Metal); CPU stays fp32.")
+    device: str = opt("auto", "auto (Metal, then CUDA, then CPU), metal, cuda or cpu.",
+                      choices=["auto", "metal", "cuda", "cpu"])
+    num_devices: int = opt(1, "Devices for data-parallel training (see docs/distributed.md).", min=1)
+    gradient_checkpointing: bool = opt(False, "Recompute block activations in the backward pass to save memory.")
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = opt("outputs/dpo", "Where metrics.jsonl, checkpoints and the final model go.")
+    save_total_limit: int = opt(3, "Keep at most this many checkpoints (the newest is never deleted).", min=1)
+    wandb_project: Optional[str] = opt(None, "Weights & Biases project (needs `pip install wandb`).")
+    wandb_run_name: Optional[str] = opt(None, "Weights & Biases run name.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="<defaults>", metadata=dict(internal=True))
+
+    # Convenience accessors for the resolved model paths.
+    @property
+    def reference_path(self) -> str:
+        return self.model.reference_model or self.model.base_model
+
+    @property
+    def policy_path(self) -> str:
+        return self.model.policy_model or self.reference_path
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] = (),
+                base_dir: Optional[Path] = None) -> Config:
+    """Read, override (`section.key=value`), type-check and validate a YAML config.
+
+    Relative file paths are resolved against `base_dir` (default: the current directory).
+    """
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item, source)
+    cfg = _build(raw, source)
+    _resolve_paths(cfg, base_dir)
+    _check_semantics(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    cfg = _build(raw, source)
+    _check_semantics(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections {sorted(SECTIONS)}")
+    return raw
+
+
+def _apply_override(raw: dict, item: str, source: str) -> None:
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. training.beta=0.2")
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: section {parts[0]!r} must be a mapping")
+    section[parts[1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(raw: dict, source: str) -> Config:
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; allowed: {sorted(SECTIONS)}")
+    sections = {}
+    for name in SECTIONS:
+        cls = typing.get_type_hints(Config)[name]
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys")
+        sections[name] = _build_section(cls, name, values, source)
+    return Config(**sections, source=source)
+
+
+def _build_section(cls, section: str, values: dict, source: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in sorted(unknown))}; "
+                          f"allowed in {section}: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        where = f"{source}: {section}.{name}"
+        kwargs[name] = _check_value(where, _coerce(where, hints[name], value), fields[name].metadata)
+    return cls(**kwargs)
+
+
+def _coerce(where: str, hint, value: Any) -> Any:
+    """Match a YAML value to a field type. YAML 1.1 reads `1e-6` as a string, so numeric
+    strings are accepted for float fields; bools are never taken for numbers."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    base = [a for a in args if a is not type(None)] if args else [hint]
+    if int in base and str in base:  # int | "auto"
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{where}: expected an integer or 'auto', got {value!r}")
+    kind = base[0]
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list: "a list of strings"}
+    raise ConfigError(f"{where}: expected {names.get(kind, kind)}, got {value!r}")
+
+
+def _check_value(where: str, value: Any, meta) -> Any:
+    if value is None or isinstance(value, (list, bool)) or value == "auto":
+        return value
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(meta['choices'])}")
+    bounds = [("min", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("max", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
+    for key, ok, sign in bounds:
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{where}: {value!r} is out of range; it must be {sign} {bound}")
+    return value
+
+
+def _resolve_paths(cfg: Config, base_dir: Optional[Path]) -> None:
+    """Make data files and local model folders absolute, so runs and resumes agree."""
+    base = Path(base_dir) if base_dir else Path.cwd()
+
+    def resolve(p: Optional[str]) -> Optional[str]:
+        if p is None or Path(p).is_absolute():
+            return p
+        candidate = base / p
+        # A model string that is not a local folder is a Hugging Face repo id: keep it.
+        return str(candidate) if (candidate.exists() or base_dir) else p
+
+    for key in ("train_file", "validation_file"):
+        value = getattr(cfg.data, key)
+        if value is not None and not Path(value).is_absolute():
+            setattr(cfg.data, key, str(base / value))
+    for key in ("base_model", "reference_model", "policy_model"):
+        setattr(cfg.model, key, resolve(getattr(cfg.model, key)))
+    if base_dir is None and not Path(cfg.logging.output_dir).is_absolute():
+        cfg.logging.output_dir = str(base / cfg.logging.output_dir)
+
+
+def _check_semantics(cfg: Config) -> None:
+    if not (cfg.model.base_model or cfg.model.reference_model or cfg.model.policy_model):
+        raise ConfigError(f"{cfg.source}: model.base_model is required (a Hugging Face id or a local folder)")
+    if not cfg.data.train_file:
+        raise ConfigError(f"{cfg.source}: data.train_file is required (a JSONL file of preference pairs)")
+    if cfg.training.warmup_steps >= cfg.training.max_steps and cfg.training.warmup_steps > 0:
+        raise ConfigError(f"{cfg.source}: training.warmup_steps ({cfg.training.warmup_steps}) must be smaller "
+                          f"than training.max_steps ({cfg.training.max_steps})")
+    if cfg.training.batch_size != "auto" and cfg.training.batch_size < 1:
+        raise ConfigError(f"{cfg.source}: training.batch_size must be >= 1 or 'auto'")
+
+
+def check_files(cfg: Config) -> None:
+    """Fail early, before any model loads, when an input file is missing."""
+    for key in ("train_file", "validation_file"):
+        value = getattr(cfg.data, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{cfg.source}: data.{key}: file not found: {value}")
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every config key: the source of docs/config.md."""
+    rows = []
+    for section, cls in typing.get_type_hints(Config).items():
+        if section not in SECTIONS:
+            continue
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f.metadata["help"]
+            if f.metadata.get("choices"):
+                help_text += f" One of: {', '.join(f.metadata['choices'])}."
+            rows.append((f"{section}.{f.name}", str(f.type), default, help_text))
+    return rows

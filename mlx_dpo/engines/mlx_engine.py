@@ -1,0 +1,143 @@
+"""The MLX engine: Metal on Apple silicon, the CPU elsewhere."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ..config import Config
+from ..data.batching import Batch
+from ..logprobs import sequence_logps, token_kl
+from ..losses import LOSSES
+from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
+
+
+class MLXEngine:
+    def __init__(self, cfg: Config, device_kind: str = "cpu", models: Models | None = None):
+        self.cfg = cfg
+        self.models = models or load_models(cfg, device_kind)
+        self.tokenizer = self.models.tokenizer
+        self.notes = [f"engine: mlx {mx.__version__} on {mx.default_device()}"] + self.models.notes
+        opt_cfg = cfg.optimization
+        # bias_correction=True: the AdamW of PyTorch/TRL, so both engines take the same step.
+        self.optimizer = optim.AdamW(learning_rate=cfg.training.learning_rate,
+                                     betas=[opt_cfg.adam_beta1, opt_cfg.adam_beta2],
+                                     eps=opt_cfg.adam_epsilon, weight_decay=opt_cfg.weight_decay,
+                                     bias_correction=True)
+        self.optimizer.init(self.models.policy.trainable_parameters())
+        self.loss = LOSSES[cfg.training.loss_type]
+        self._grad_fn = nn.value_and_grad(self.models.policy, self._loss_terms)
+        self._grads = None
+        self.group = None  # an mx.distributed group when training on several ranks
+
+    # -- the differentiated function ------------------------------------------------------
+    def _policy_logps(self, logits, targets, mask):
+        logps = sequence_logps(logits, targets, mask)
+        if self.loss.length_normalized:
+            logps = logps / mx.maximum(mask.sum(axis=-1), 1)
+        return logps
+
+    def _loss_terms(self, inputs, targets, mask, ref_logps, scale):
+        total, aux = self._dpo_terms(self.models.policy(inputs), targets, mask, ref_logps)
+        return total * scale, aux
+
+    def _dpo_terms(self, logits, targets, mask, ref_logps):
+        """sum(losses) and (losses, chosen_rewards, rejected_rewards, policy logps)."""
+        logps = self._policy_logps(logits, targets, mask)
+        b = logps.shape[0] // 2
+        t = self.cfg.training
+        losses, cr, rr = self.loss.fn(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:],
+                                      t.beta, t.label_smoothing, xp=mx)
+        return losses.sum(), (losses, cr, rr, logps)
+
+    def _reference_logps(self, inputs, targets, mask):
+        return self._policy_logps(reference_forward(self.models, inputs), targets, mask)
+
+    # -- engine interface -----------------------------------------------------------------
+    def forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
+        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+        ref_logps = self._reference_logps(inputs, targets, mask)
+        (_, aux), grads = self._grad_fn(inputs, targets, mask, ref_logps, 1.0 / global_pairs)
+        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+        stats = _sums(*aux, batch)
+        mx.eval(self._grads, stats)
+        return {k: float(v) for k, v in stats.items()}
+
+    def apply_update(self, learning_rate: float, skip: bool = False) -> tuple[float, bool]:
+        grads, self._grads = self._grads, None
+        if skip:
+            return float("nan"), False
+        if self.group is not None:
+            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads)
+        max_norm = self.cfg.optimization.max_grad_norm
+        if max_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, max_norm)
+        else:
+            norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+        norm = float(norm)
+        if not math.isfinite(norm):
+            return norm, False
+        self.optimizer.learning_rate = mx.array(learning_rate, dtype=mx.float32)
+        self.optimizer.update(self.models.policy, grads)
+        mx.eval(self.models.policy.trainable_parameters(), self.optimizer.state)
+        return norm, True
+
+    def evaluate(self, batch: Batch) -> dict[str, float]:
+        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+        policy = self.models.policy
+        policy.eval()
+        try:
+            ref_logits = reference_forward(self.models, inputs)
+            ref_logps = self._policy_logps(ref_logits, targets, mask)
+            logits = policy(inputs)
+            _, aux = self._dpo_terms(logits, targets, mask, ref_logps)
+            stats = _sums(*aux, batch)
+            stats["kl_sum"] = token_kl(logits, ref_logits, mask).sum()
+            stats["kl_tokens"] = mask.sum()
+            mx.eval(stats)
+        finally:
+            policy.train()
+        return {k: float(v) for k, v in stats.items()}
+
+    def save_state(self, folder: Path) -> None:
+        save_adapters(self.models, folder)
+        state = dict(tree_flatten(self.optimizer.state))
+        mx.save_safetensors(str(folder / "optimizer.safetensors"), state)
+
+    def load_state(self, folder: Path) -> None:
+        load_trainable(self.models.policy, folder)
+        state = mx.load(str(folder / "optimizer.safetensors"))
+        self.optimizer.state = tree_unflatten(list(state.items()))
+        mx.eval(self.optimizer.state)
+
+    def export(self, folder: Path) -> None:
+        export_model(self.models, folder, self.cfg.policy_path)
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        if self.group is None:
+            return values
+        out = mx.distributed.all_sum(mx.array(values.astype(np.float32)), group=self.group)
+        return np.array(out, dtype=np.float64)
+
+    def peak_memory_gb(self) -> float:
+        return mx.get_peak_memory() / 2**30
+
+
+def _sums(losses, chosen_r, rejected_r, logps, batch: Batch) -> dict:
+    b = losses.shape[0]
+    return {
+        "loss": losses.sum(),
+        "rewards/chosen": chosen_r.sum(),
+        "rewards/rejected": rejected_r.sum(),
+        "rewards/margins": (chosen_r - rejected_r).sum(),
+        "rewards/accuracies": (chosen_r > rejected_r).astype(mx.float32).sum(),
+        "logps/chosen": logps[:b].sum(),
+        "logps/rejected": logps[b:].sum(),
+        "pairs": mx.array(float(batch.num_pairs)),
+        "tokens": mx.array(float(batch.num_tokens)),
+    }

@@ -1,0 +1,31 @@
+"""Per-sequence completion log-probs and exact token-level KL, from logits (MLX arrays).
+
+Shapes: logits (N, T, V), targets (N, T) int, mask (N, T) float with 1 on completion tokens.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
+    """log p(target) at every position, (N, T): the target logit minus the log-partition."""
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    return picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+
+
+def sequence_logps(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """Summed log-prob of each sequence's completion tokens, (N,)."""
+    return (token_logps(logits, targets) * mask).sum(axis=-1)
+
+
+def token_kl(policy_logits: mx.array, ref_logits: mx.array, mask: mx.array) -> mx.array:
+    """KL(policy || reference) summed over completion tokens of each sequence, (N,).
+
+    Exact over the whole vocabulary: sum_v p(v) (log p(v) - log q(v)) at each token.
+    """
+    logp = policy_logits.astype(mx.float32)
+    logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
+    logq = ref_logits.astype(mx.float32)
+    logq = logq - mx.logsumexp(logq, axis=-1, keepdims=True)
+    per_token = (mx.exp(logp) * (logp - logq)).sum(axis=-1)
+    return (per_token * mask).sum(axis=-1)

@@ -1,0 +1,166 @@
+"""Load policy and reference through mlx-lm, attach LoRA, switch adapters off for the reference.
+
+With LoRA and one checkpoint for both roles, the reference is the policy with its adapters'
+scale set to zero: no second copy of the weights. Otherwise (full fine-tuning, or a distinct
+reference_model) the reference is a separately loaded, frozen model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import Config
+from .errors import UserError
+
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+
+
+@dataclass
+class Models:
+    policy: nn.Module
+    reference: Optional[nn.Module]  # None: the policy with adapters off
+    tokenizer: object
+    model_config: dict
+    adapter_config: dict  # what mlx-lm's load_adapters reads
+    notes: list[str]  # what precision / checkpointing was actually used, for the log
+
+
+def load_models(cfg: Config, device_kind: str = "cpu") -> Models:
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    policy, tokenizer, model_config = _load(cfg.policy_path, cfg.model.trust_remote_code)
+    notes = [_set_precision(policy, cfg.compute.fp16, device_kind)]
+    separate_ref = cfg.model.finetune == "full" or cfg.reference_path != cfg.policy_path
+    reference = None
+    if separate_ref:
+        reference, ref_tokenizer, _ = _load(cfg.reference_path, cfg.model.trust_remote_code)
+        _set_precision(reference, cfg.compute.fp16, device_kind)
+        reference.freeze()
+        reference.eval()
+    num_layers = len(policy.layers) if cfg.model.lora_layers < 0 else cfg.model.lora_layers
+    adapter_config = {"fine_tune_type": cfg.model.finetune, "num_layers": num_layers}
+    if cfg.model.finetune == "lora":
+        lora = {"rank": cfg.model.lora_rank, "scale": cfg.model.lora_scale,
+                "dropout": cfg.model.lora_dropout}
+        if cfg.model.lora_keys:
+            lora["keys"] = list(cfg.model.lora_keys)
+        policy.freeze()
+        mx.random.seed(cfg.training.seed)  # LoRA A matrices are drawn from the global RNG
+        linear_to_lora_layers(policy, num_layers, lora)
+        adapter_config["lora_parameters"] = lora
+    if cfg.compute.gradient_checkpointing:
+        for layer in policy.layers:
+            checkpoint_layer(layer)
+        notes.append("gradient checkpointing: on (per transformer block)")
+    else:
+        notes.append("gradient checkpointing: off")
+    policy.train()
+    return Models(policy, reference, tokenizer, model_config, adapter_config, notes)
+
+
+def _load(path: str, trust_remote_code: bool):
+    from mlx_lm import load
+
+    try:
+        model, tokenizer, config = load(path, return_config=True,
+                                        tokenizer_config={"trust_remote_code": trust_remote_code})
+    except FileNotFoundError as err:
+        raise UserError(f"model {path!r}: {err}") from None
+    except ValueError as err:
+        raise UserError(f"model {path!r} cannot be loaded by mlx-lm: {err}") from None
+    except Exception as err:  # hub errors: offline, unknown repo, gated model
+        if type(err).__module__.startswith(("huggingface_hub", "requests", "httpx")):
+            raise UserError(f"model {path!r}: not a local folder and the Hugging Face Hub "
+                            f"could not provide it ({type(err).__name__}: {err})") from None
+        raise
+    return model, tokenizer, config
+
+
+def _set_precision(model: nn.Module, fp16: bool, device_kind: str) -> str:
+    """fp32 on CPU (bf16/fp16 matmuls are slow there); fp16 weights on Metal when asked."""
+    if fp16 and device_kind == "metal":
+        model.set_dtype(mx.float16)
+        return "precision: float16 weights (compute.fp16, Metal)"
+    model.set_dtype(mx.float32)
+    reason = " (compute.fp16 ignored: no half-precision speed-up on CPU)" if fp16 else ""
+    return f"precision: float32{reason}"
+
+
+def checkpoint_layer(layer: nn.Module) -> None:
+    """Recompute this block's activations in the backward pass.
+
+    Only this instance changes class (a one-off subclass), so parameter names stay the same
+    and no library class is patched globally.
+    """
+    base = type(layer)
+    call = base.__call__
+
+    def checkpointed(self, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            self.update(params)
+            return call(self, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    layer.__class__ = type(f"Checkpointed{base.__name__}", (base,), {"__call__": checkpointed})
+
+
+def lora_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the model as its own reference: LoRA branches contribute nothing inside."""
+    layers = lora_modules(model)
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, scales):
+            m.scale = s
+
+
+def reference_forward(models: Models, inputs: mx.array) -> mx.array:
+    """Reference logits, never differentiated."""
+    if models.reference is not None:
+        return mx.stop_gradient(models.reference(inputs))
+    with adapters_disabled(models.policy):
+        return mx.stop_gradient(models.policy(inputs))
+
+
+def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(models: Models, folder: Path) -> None:
+    """Trainable weights + adapter_config.json: `mlx_lm.load(base, adapter_path=folder)` works."""
+    mx.save_safetensors(str(folder / "adapters.safetensors"), trainable_weights(models.policy))
+    (folder / "adapter_config.json").write_text(json.dumps(models.adapter_config, indent=2))
+
+
+def load_trainable(model: nn.Module, folder: Path) -> None:
+    weights = mx.load(str(folder / "adapters.safetensors"))
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+
+
+def export_model(models: Models, folder: Path, source_path: str) -> None:
+    """The final model for mlx-lm: LoRA adapters (`mlx_lm.load(base, adapter_path=folder)`),
+    or after full fine-tuning a standalone model folder with its tokenizer (`mlx_lm.load(folder)`)."""
+    if models.adapter_config["fine_tune_type"] == "lora":
+        save_adapters(models, folder)
+        return
+    from mlx_lm.utils import save
+
+    save(folder, source_path, models.policy, models.tokenizer, dict(models.model_config),
+         donate_model=False)

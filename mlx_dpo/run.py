@@ -1,0 +1,93 @@
+"""One training run from a validated config: device, engine, data, loop, final model, summary."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import checkpoint
+from .config import Config, check_files
+from .data.pipeline import prepare_data
+from .engines import make_engine, select_device
+from .errors import UserError
+from .hardware import METAL_ENV_DEFAULTS, blas_name, table_batch_size
+from .trainer import Ranks, Trainer
+
+
+def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
+                 echo: Callable[[str], None] = print, progress: bool = True,
+                 ranks: Ranks = Ranks(), engine=None) -> dict:
+    """Train as the config says; returns the summary (also printed)."""
+    check_files(cfg)
+    out = Path(cfg.logging.output_dir)
+    _check_output_dir(out, resume, overwrite, ranks.rank == 0)
+    device = select_device(cfg)
+    engine = engine or make_engine(cfg, device)
+    batch_size = cfg.training.batch_size
+    if batch_size == "auto":
+        batch_size = table_batch_size(device)
+    for line in _runtime_lines(device, engine, batch_size):
+        echo(line)
+    data = prepare_data(cfg, engine.tokenizer)
+    for line in data.messages:
+        echo(line)
+    trainer = Trainer(cfg, engine, data.train, data.val, batch_size, ranks, echo, progress)
+    if resume:
+        folder = trainer.resume()
+        echo(f"resumed from {folder} (step {trainer.state.step})" if folder else
+             f"--resume: no checkpoint in {out}; starting from step 0")
+    start = time.perf_counter()
+    final_eval = trainer.train()
+    if ranks.rank == 0:
+        engine.export(_fresh(out / "final"))
+    summary = _summary(cfg, trainer, final_eval, time.perf_counter() - start, out)
+    for line in _summary_lines(summary):
+        echo(line)
+    return summary
+
+
+def _check_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    if resume or not checkpoint.list_checkpoints(out):
+        return
+    if not overwrite:
+        raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                        "--overwrite to start again, or choose another logging.output_dir")
+    if is_main:
+        shutil.rmtree(out)
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _runtime_lines(device, engine, batch_size) -> list[str]:
+    env = ", ".join(f"{k}={os.environ.get(k)}" for k in METAL_ENV_DEFAULTS)
+    return [f"device: {device.kind} ({device.name}, {device.memory_gb:.0f} GB)",
+            f"BLAS: {blas_name()}", f"env: {env}", *engine.notes,
+            f"batch size: {batch_size} pairs per micro-batch"]
+
+
+def _summary(cfg: Config, trainer: Trainer, final_eval: dict, seconds: float, out: Path) -> dict:
+    kl = final_eval.get("eval/kl")
+    return {"steps": trainer.state.step, "seconds": round(seconds, 1),
+            "skipped_steps": trainer.state.skipped_steps,
+            "eval/rewards/accuracies": final_eval.get("eval/rewards/accuracies"),
+            "eval/loss": final_eval.get("eval/loss"), "eval/kl": kl,
+            "kl_target": cfg.constraints.kl_target,
+            "kl_within_target": None if kl is None else kl <= cfg.constraints.kl_target,
+            "final_model": str(out / "final")}
+
+
+def _summary_lines(s: dict) -> list[str]:
+    lines = [f"done: {s['steps']} steps in {s['seconds']} s ({s['skipped_steps']} skipped)"]
+    if s["eval/kl"] is not None:
+        verdict = "within" if s["kl_within_target"] else "OVER"
+        lines += [f"validation reward accuracy: {s['eval/rewards/accuracies']:.3f}",
+                  f"validation loss: {s['eval/loss']:.4f}",
+                  f"validation KL: {s['eval/kl']:.4f} ({verdict} kl_target {s['kl_target']})"]
+    lines.append(f"final model: {s['final_model']}")
+    return lines
