@@ -97,6 +97,7 @@ class Trainer:
         micro = [self._next_indices() for _ in range(self.cfg.training.gradient_accumulation_steps)]
         global_pairs = sum(len(m) for m in micro)
         totals = dict.fromkeys(SUM_KEYS, 0.0)
+        self.engine.seed(self.cfg.training.seed * 1_000_003 + self.state.step)
         start = time.perf_counter()
         for indices in micro:
             mine = shard(indices, self.ranks.weights, self.ranks.rank)

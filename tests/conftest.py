@@ -11,7 +11,7 @@ import mlx_dpo  # noqa: F401  (prepares the runtime before mlx loads)
 
 WORDS = ("the a cat dog sun sky blue red tree water plant how why what is do i explain please "
          "thanks sure here steps first then finally no idea go away whatever help you can with "
-         "answer question good bad yes maybe").split()
+         "answer question good bad yes maybe user assistant system").split()
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -24,6 +24,7 @@ def build_tokenizer(folder: Path, chat_template: str | None = CHATML, extra_word
     vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS) | set(extra_words))
                                         + list("abcdefghijklmnopqrstuvwxyz.,?!\n"))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(specials)  # matched whole, before the pre-tokenizer splits "<|"
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                  pre_tokenizers.Punctuation()])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",

@@ -22,6 +22,10 @@ class Engine(Protocol):
     tokenizer: object
     notes: list[str]  # what the engine actually uses (precision, checkpointing, device)
 
+    def seed(self, value: int) -> None:
+        """Reseed the engine's RNG (dropout): the trainer does it every step from
+        (training.seed, step), so a resumed run draws the same numbers without saved RNG state."""
+
     def forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         """Add this micro-batch's gradient of sum(losses) / global_pairs to the accumulator."""
 

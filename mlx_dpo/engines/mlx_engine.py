@@ -59,6 +59,9 @@ class MLXEngine:
         return self._policy_logps(reference_forward(self.models, inputs), targets, mask)
 
     # -- engine interface -----------------------------------------------------------------
+    def seed(self, value: int) -> None:
+        mx.random.seed(value)
+
     def forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
         ref_logps = self._reference_logps(inputs, targets, mask)

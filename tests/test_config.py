@@ -1,0 +1,84 @@
+"""Config: the workflow template loads as is; bad values fail with file, key and what is allowed."""
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_dpo.cli import main
+from mlx_dpo.config import ConfigError, check_files, describe, load_config
+
+TEMPLATE = Path(__file__).parent.parent / "configs" / "dpo_config.yaml"
+
+
+def test_workflow_template_loads_with_its_values():
+    cfg = load_config(TEMPLATE)
+    assert cfg.training.learning_rate == 1.0e-6 and isinstance(cfg.training.learning_rate, float)
+    assert cfg.training.beta == 0.1
+    assert cfg.training.batch_size == 4 and cfg.training.gradient_accumulation_steps == 4
+    assert cfg.optimization.lr_scheduler == "cosine" and cfg.optimization.max_grad_norm == 1.0
+    assert cfg.constraints.kl_target == 0.1 and cfg.compute.fp16 is True
+    assert cfg.compute.gradient_checkpointing is True and cfg.compute.device == "cuda"
+    assert cfg.logging.wandb_project == "dpo-alignment"
+    assert cfg.reference_path == "checkpoints/sft_baseline"  # not a local folder: kept as a hub id
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "model: {base_model: m}\ndata: {train_file: t.jsonl}\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("training: {betta: 0.2}", "unknown key(s) training.betta; allowed in training:"),
+    ("training: {beta: 0}", "training.beta: 0.0 is out of range; it must be > 0"),
+    ("training: {beta: -1}", "training.beta: -1.0 is out of range"),
+    ("training: {loss_type: kto}", "training.loss_type: 'kto' is not allowed; choose one of sigmoid, ipo"),
+    ("training: {max_steps: ten}", "training.max_steps: expected an integer, got 'ten'"),
+    ("training: {max_steps: 1.5}", "training.max_steps: expected an integer"),
+    ("compute: {fp16: 1}", "compute.fp16: expected true or false"),
+    ("training: {batch_size: big}", "training.batch_size: expected an integer or 'auto'"),
+    ("trainer: {}", "unknown section(s) ['trainer']"),
+])
+def test_bad_values_name_file_key_and_allowed(tmp_path, extra, message):
+    path = write(tmp_path, BASE + extra)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_scientific_notation_without_dot_is_a_number(tmp_path):
+    cfg = load_config(write(tmp_path, BASE + "training: {learning_rate: 1e-6}"))
+    assert cfg.training.learning_rate == 1e-6
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = write(tmp_path, BASE)
+    cfg = load_config(path, ("training.beta=0.2", "training.batch_size=auto"))
+    assert cfg.training.beta == 0.2 and cfg.training.batch_size == "auto"
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(path, ("beta=0.2",))
+    with pytest.raises(ConfigError, match="training.beta"):
+        load_config(path, ("training.beta=-3",))
+
+
+def test_missing_train_file_is_reported_before_any_model_loads(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"data.train_file: file not found: .*t.jsonl"):
+        check_files(cfg)
+
+
+def test_cli_prints_one_clear_line_and_exits_2(tmp_path):
+    path = write(tmp_path, BASE + "training: {loss_type: nope}")
+    result = CliRunner().invoke(main, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "training.loss_type" in result.output and "Traceback" not in result.output
+    missing = CliRunner().invoke(main, ["train", str(write(tmp_path, BASE))])
+    assert missing.exit_code == 2 and "file not found" in missing.output
+
+
+def test_every_key_has_help():
+    rows = describe()
+    assert len(rows) > 40 and all(help_text for _, _, _, help_text in rows)
