@@ -31,7 +31,7 @@ def opt(default, help: str, choices=None, min=None, gt=None, max=None, lt=None):
 
 @dataclass
 class ModelConfig:
-    base_model: Optional[str] = opt(None, "Hugging Face repo id or local mlx-lm directory of the model.")
+    base_model: Optional[str] = opt(None, "Required (or reference_model): Hugging Face repo id or local mlx-lm folder.")
     reference_model: Optional[str] = opt(None, "Frozen reference (the SFT checkpoint). Default: base_model.")
     policy_model: Optional[str] = opt(None, "Model the policy starts from. Default: reference_model.")
     finetune: str = opt("lora", "lora: train adapters, reference = adapters off. full: train all weights.",
@@ -47,7 +47,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_file: Optional[str] = opt(None, "JSONL preference pairs for training.")
+    train_file: Optional[str] = opt(None, "Required: JSONL preference pairs for training.")
     validation_file: Optional[str] = opt(None, "JSONL preference pairs for evaluation (eval/ metrics, KL).")
     max_prompt_length: int = opt(512, "Prompt tokens kept (the end of longer prompts is kept).", min=1)
     max_response_length: int = opt(1024, "Completion tokens kept, EOS included (the start is kept).", min=1)
