@@ -7,3 +7,4 @@ from .hardware import prepare_runtime as _prepare_runtime
 _prepare_runtime()
 
 __version__ = "0.1.0"
+from .training_metrics import validate_dpo_pairs  # noqa: E402,F401 - the workflow's Stage 2 API

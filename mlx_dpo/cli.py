@@ -34,6 +34,7 @@ def main():
 def _register() -> None:
     from .commands import train
 
+    from .commands import data as data_cmd; main.add_command(data_cmd.data)  # noqa: E702
     main.add_command(train.train)
     # One line per command module; keep them sorted.
 
