@@ -21,8 +21,11 @@ def build_tokenizer(folder: Path, chat_template: str | None = CHATML, extra_word
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS) | set(extra_words))
-                                        + list("abcdefghijklmnopqrstuvwxyz.,?!\n"))}
+    # dict.fromkeys: one-letter words ("a", "i") are also in the letters; ids must stay
+    # contiguous, or some id reaches vocab_size and the embedding lookup reads out of bounds.
+    tokens = dict.fromkeys(specials + sorted(set(WORDS) | set(extra_words))
+                           + list("abcdefghijklmnopqrstuvwxyz.,?!\n"))
+    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.add_special_tokens(specials)  # matched whole, before the pre-tokenizer splits "<|"
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),

@@ -123,3 +123,38 @@ def split(pairs, val_fraction, seed, train_out, val_out, skip_bad, force, as_jso
                f"({share:.1%} of pairs)")
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} malformed records, first: {result.skipped[0]}")
+
+
+@data.command()
+@PAIRS
+@click.option("--model", required=True, help="Model folder (mlx-lm format) or Hugging Face id to score with.")
+@click.option("--adapter", type=click.Path(file_okay=False), help="LoRA adapters to apply (a training output).")
+@click.option("--reference", help="Reference model: adds implicit rewards and their margin. With --adapter, "
+                                  "--reference equal to --model means the model without its adapters, as in training.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where the scores (JSONL) go.")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="Training config: beta, token limits and chat template from it.")
+@click.option("--beta", type=click.FloatRange(min=0, min_open=True),
+              help="DPO beta for the implicit rewards.  [default: training.beta, else 0.1]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per forward pass.")
+@click.option("--skip-bad", is_flag=True, help="Leave malformed records out instead of stopping.")
+def score(pairs, model, adapter, reference, out, config, beta, batch_size, skip_bad):
+    """Write per-pair log-probs of chosen and rejected (completion tokens only, as training
+    counts them) and, with --reference, implicit rewards and their margin, to --out.
+
+    `mlx-dpo data validate PAIRS --scores OUT` then takes the preference gap from the margins.
+    """
+    from ..config import DataConfig, load_config
+    from ..data.scoring import score_pairs
+
+    cfg = load_config(config) if config else None
+    limits = cfg.data if cfg is not None else DataConfig()
+    beta = beta or (cfg.training.beta if cfg is not None else 0.1)
+    result = score_pairs(pairs, model, out, adapter, reference, beta, batch_size, limits.max_prompt_length,
+                         limits.max_response_length, limits.chat_template, "skip" if skip_bad else "error")
+    click.echo(f"scored {result.pairs} pairs -> {result.out} ({result.truncated} truncated to the token limits)")
+    if result.mean_margin is not None:
+        click.echo(f"reward margin: mean {result.mean_margin:.4f}; chosen ahead in {result.accuracy:.1%} of pairs "
+                   f"(beta {beta:g})")
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} malformed records, first: {result.skipped[0]}")
