@@ -118,6 +118,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    engine: str = opt("auto", "Compute engine: auto (MLX on Metal and CPU, PyTorch on CUDA), mlx, or torch "
+                              "(the CUDA fallback; on the CPU too, e.g. to compare engines). See docs/backends.md.",
+                      choices=["auto", "mlx", "torch"])
+    memory_fraction: float = opt(0.8, "training.batch_size auto on a chip not in the batch table: the share of "
+                                      "device memory the batch-size probe may fill.", gt=0, max=1)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -104,6 +104,26 @@ def detect_device() -> DeviceInfo:
     return DeviceInfo("cpu", f"cpu ({platform.machine()})", _system_memory_gb())
 
 
+def cuda_device() -> "DeviceInfo | None":
+    """The first CUDA GPU PyTorch can use (e.g. "NVIDIA H100 80GB HBM3"), or None.
+
+    torch is imported only when an NVIDIA driver is present: importing it costs seconds,
+    and a CPU-only or missing torch means no CUDA anyway."""
+    import importlib.util
+    import shutil
+
+    if not (Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi")):
+        return None
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return DeviceInfo("cuda", props.name, props.total_memory / 2**30)
+
+
 def _apple_chip_name() -> str:
     import subprocess
 

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import checkpoint
+from .autotune import resolve_batch_size
 from .config import Config, check_files
 from .data.pipeline import prepare_data
 from .engines import make_engine, select_device
 from .errors import UserError
-from .hardware import METAL_ENV_DEFAULTS, blas_name, table_batch_size
+from .hardware import METAL_ENV_DEFAULTS, blas_name
 from .trainer import Ranks, Trainer
 
 
@@ -25,9 +26,11 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
     _check_output_dir(out, resume, overwrite, ranks.rank == 0)
     device = select_device(cfg)
     engine = engine or make_engine(cfg, device)
-    batch_size = cfg.training.batch_size
-    if batch_size == "auto":
-        batch_size = table_batch_size(device)
+    if ranks.world == 1 and getattr(engine, "ranks", None) is not None:
+        ranks = engine.ranks  # a torchrun group (PyTorch engine, docs/backends.md)
+    batch_size, source = resolve_batch_size(cfg, device, engine, ranks.rank, ranks.world, echo)
+    if source != "config":
+        echo(f"training.batch_size auto: {batch_size} pairs, from {source}")
     for line in _runtime_lines(device, engine, batch_size):
         echo(line)
     data = prepare_data(cfg, engine.tokenizer)

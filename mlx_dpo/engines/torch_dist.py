@@ -1,0 +1,77 @@
+"""Data parallelism for the PyTorch engine, launched by PyTorch's own `torchrun`.
+
+torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE; each process
+builds the same engine, trains on its shard of every global batch (the trainer's `Ranks`),
+and the engine sums gradients over the group before each optimizer step (see
+docs/backends.md). Without torchrun the world is one process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..errors import UserError
+
+
+@dataclass
+class TorchGroup:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def launch_command(n: int) -> str:
+    return f"torchrun --standalone --nproc_per_node {n} -m mlx_dpo train CONFIG"
+
+
+def setup_group(cfg: Config, device_kind: str) -> TorchGroup:
+    """Join the torchrun group when there is one; check it matches compute.num_devices."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    wanted = cfg.compute.num_devices
+    if world != wanted:
+        how = f"launch with: {launch_command(wanted)}" if wanted > 1 else "set compute.num_devices to match"
+        raise UserError(f"{cfg.source}: compute.num_devices is {wanted} but {world} process(es) were "
+                        f"started; {how}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) found")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        # NCCL between GPUs; gloo lets the same code run on CPUs (the CI test does).
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    return TorchGroup(rank, world, device)
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum every gradient over the group in one flat buffer (one collective per step).
+
+    Each rank's gradient is d(sum of its losses) / global_pairs, so the sum is the gradient
+    of the mean loss over the whole global batch, however unevenly it was split."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def all_reduce_array(values: np.ndarray, device: torch.device) -> np.ndarray:
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
