@@ -53,11 +53,12 @@ class TorchModels:
 
 
 def load_torch_models(cfg: Config, device: torch.device) -> TorchModels:
-    from transformers import AutoTokenizer
+    # mlx-lm's tokenizer loader, as the MLX engine uses: both engines encode data identically.
+    from ..data.lengths import load_tokenizer
 
     half = _half_dtype(cfg, device)
     policy = _load(cfg.policy_path, cfg, device, half if cfg.model.finetune == "lora" else None)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.policy_path, cfg.model.trust_remote_code)
     notes = [f"precision: {'float32' if half is None else str(half).replace('torch.', '')} "
              f"{'base weights, float32 adapters' if half and cfg.model.finetune == 'lora' else 'weights'}"
              + (" + bfloat16 autocast" if half and cfg.model.finetune == "full" else "")]
