@@ -92,7 +92,25 @@ class OptimizationConfig:
 @dataclass
 class ConstraintsConfig:
     kl_target: float = opt(0.1, "Maximum validation KL(policy || reference) per completion token.", gt=0)
-    preference_gap_target: float = opt(0.15, "Minimum preference gap on the validation pairs.", min=0, max=1)
+    preference_gap_target: float = opt(0.15, "Minimum preference gap on the validation pairs "
+                                             "(docs/quality-gates.md defines it).", min=0, max=1)
+    kl_action: str = opt("warn", "When validation KL exceeds kl_target after an evaluation: warn (log, go on), "
+                                 "stop (end the run, exit 1), rollback (restore the best checkpoint within "
+                                 "the target and go on).", choices=["warn", "stop", "rollback"])
+    max_rollbacks: int = opt(3, "kl_action rollback: rollbacks allowed before the run stops.", min=1)
+    best_metric: str = opt("eval/loss", "Evaluation metric that ranks checkpoints within kl_target; the best "
+                                        "is recorded in OUTPUT_DIR/best.json and kept by rotation.",
+                           choices=["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
+                                    "eval/preference_gap", "eval/kl", "eval/rewards/chosen",
+                                    "eval/rewards/rejected", "eval/logps/chosen", "eval/logps/rejected"])
+    best_mode: str = opt("auto", "min or max of best_metric; auto: max for accuracies, margins, gap, "
+                                 "chosen rewards/logps, min otherwise.", choices=["auto", "min", "max"])
+    init_checks: bool = opt(True, "Run the stage-3 initialisation checks before training; a failed check "
+                                  "stops the run (exit 1).")
+    capability_retention_target: float = opt(95.0, "Stage-7 gate: minimum capability retention, percent of "
+                                                   "the SFT baseline's benchmark scores.", min=0)
+    win_rate_target: float = opt(50.0, "Stage-7 gate: the win rate against the baseline, percent, must "
+                                       "exceed this.", min=0, max=100)
 
 
 @dataclass

@@ -14,6 +14,8 @@ from .data.pipeline import prepare_data
 from .engines import make_engine, select_device
 from .errors import UserError
 from .hardware import METAL_ENV_DEFAULTS, blas_name
+from .init_checks import check_run_start
+from .kl_guard import KLGuard
 from .trainer import Ranks, Trainer
 
 
@@ -41,12 +43,15 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
         folder = trainer.resume()
         echo(f"resumed from {folder} (step {trainer.state.step})" if folder else
              f"--resume: no checkpoint in {out}; starting from step 0")
+    check_run_start(cfg, engine, data, batch_size, trainer.state.step, echo)  # stage-3 gate
+    guard = KLGuard.attach(trainer, echo)  # constraints.kl_target, kl_action, best.json
     start = time.perf_counter()
     final_eval = trainer.train()
     if ranks.rank == 0:
         engine.export(_fresh(out / "final"))
     summary = _summary(cfg, trainer, final_eval, time.perf_counter() - start, out)
-    for line in _summary_lines(summary):
+    summary.update(guard.summary(final_eval))
+    for line in _summary_lines(summary) + guard.summary_lines(summary):
         echo(line)
     return summary
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import Config
 
-CONSOLE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "kl", "learning_rate",
+CONSOLE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "kl", "preference_gap", "learning_rate",
                 "grad_norm", "pairs_per_sec")
 
 

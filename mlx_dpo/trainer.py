@@ -18,8 +18,9 @@ from . import checkpoint
 from .config import Config
 from .data.batching import Batch, collate, epoch_order, shard
 from .data.tokenize import EncodedData
-from .engines.base import SUM_KEYS, Engine
+from .engines.base import EVAL_KEYS, SUM_KEYS, Engine
 from .errors import TrainingStopped
+from .preference_gap import mean_gap
 from .schedule import learning_rate_at
 from .tracking import MetricsLog
 
@@ -59,6 +60,11 @@ class Trainer:
         self._lengths = [p.length for p in train.pairs]
         self._order: tuple[int, list] = (-1, [])
         self._stop_requested = False
+        # Seams for quality gates (kl_guard.py): hook(trainer, eval_metrics) after every
+        # evaluation, hook(trainer, folder) after every checkpoint save; rotation keeps `protected`.
+        self.after_evaluate: list[Callable] = []
+        self.after_save: list[Callable] = []
+        self.protected: set[str] = set()
 
     # -- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
@@ -162,11 +168,14 @@ class Trainer:
             sums = self.engine.evaluate(collate([pairs[i] for i in indices], self._pad_id))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v
-        totals = self._reduce({k: totals.get(k, 0.0) for k in (*SUM_KEYS, "kl_sum", "kl_tokens")})
+        totals = self._reduce({k: totals.get(k, 0.0) for k in (*SUM_KEYS, *EVAL_KEYS)})
         metrics = _averages(totals)
         metrics["kl"] = totals["kl_sum"] / max(totals["kl_tokens"], 1.0)
+        metrics["preference_gap"] = mean_gap(totals["gap_sum"], totals["pairs"])
         self.state.last_eval = {f"eval/{k}": v for k, v in metrics.items()}
         self.log.log(self.state.step, metrics, prefix="eval/")
+        for hook in self.after_evaluate:  # e.g. kl_guard: warn, stop or roll back
+            hook(self, self.state.last_eval)
         return metrics
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -176,8 +185,11 @@ class Trainer:
         state = {**asdict(self.state), "seed": self.cfg.training.seed, "config": self.cfg.to_dict()}
         metrics = {"step": self.state.step, **self.state.last_eval,
                    "kl_divergence": self.state.last_eval.get("eval/kl")}
-        return checkpoint.save_checkpoint(self.out, self.state.step, self.engine.save_state, state,
-                                          metrics, self.cfg.logging.save_total_limit)
+        folder = checkpoint.save_checkpoint(self.out, self.state.step, self.engine.save_state, state,
+                                            metrics, self.cfg.logging.save_total_limit, tuple(self.protected))
+        for hook in self.after_save:  # e.g. the best-checkpoint tracker (main rank only)
+            hook(self, folder)
+        return folder
 
     def resume(self) -> Optional[Path]:
         folder = checkpoint.latest_checkpoint(self.out)

@@ -12,10 +12,12 @@ import numpy as np
 
 from ..data.batching import Batch
 
-# Per-pair sums returned by forward_backward / evaluate (evaluate adds KL_KEYS).
+# Per-pair sums returned by forward_backward / evaluate (evaluate adds EVAL_KEYS).
 SUM_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected", "pairs", "tokens")
 KL_KEYS = ("kl_sum", "kl_tokens")
+# gap_sum: sum over pairs of preference_gap.pair_gaps(chosen_rewards, rejected_rewards, xp).
+EVAL_KEYS = (*KL_KEYS, "gap_sum")
 
 
 class Engine(Protocol):

@@ -15,6 +15,7 @@ from ..data.batching import Batch
 from ..logprobs import sequence_logps, token_kl
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
+from ..preference_gap import pair_gaps
 
 
 class MLXEngine:
@@ -102,6 +103,7 @@ class MLXEngine:
             stats = _sums(*aux, batch)
             stats["kl_sum"] = token_kl(logits, ref_logits, mask).sum()
             stats["kl_tokens"] = mask.sum()
+            stats["gap_sum"] = pair_gaps(aux[1], aux[2], mx).sum()
             mx.eval(stats)
         finally:
             policy.train()

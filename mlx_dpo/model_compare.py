@@ -1,0 +1,134 @@
+"""Comparisons of the policy and the reference (MLX models, mlx-lm tokenizers) for init_checks.py.
+
+With LoRA, mlx-lm wraps each adapted linear layer: its base weight lives at `<path>.linear.weight`
+next to `lora_a` / `lora_b`, and the layer computes W x + scale * (x A) B. The policy's
+effective weights are therefore the base weights plus scale * A B, and the reference (a
+separate model, or the policy with adapters off) must equal exactly that at the start.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .gates import Check, judge
+from .models import ADAPTER_LEAVES, Models, lora_modules
+
+
+def _base_weights(model) -> dict:
+    """Parameters without adapters, named as in the model without LoRA wrappers."""
+    wrapped = {name for name, m in model.named_modules() if hasattr(m, "lora_a")}
+    out = {}
+    for name, value in tree_flatten(model.parameters()):
+        owner, _, leaf = name.rpartition(".")
+        if leaf in ADAPTER_LEAVES:
+            continue
+        module, _, last = owner.rpartition(".")
+        if last == "linear" and module in wrapped:  # <path>.linear.weight -> <path>.weight
+            name = f"{module}.{leaf}"
+        out[name] = value
+    return out
+
+
+def reference_frozen(models: Models) -> Check:
+    trainable = [n for n, _ in tree_flatten(models.policy.trainable_parameters())]
+    if models.reference is not None:
+        leaked = [n for n, _ in tree_flatten(models.reference.trainable_parameters())]
+        ok = not leaked and models.reference is not models.policy and not models.reference.training
+        detail = ("separate reference model: no trainable parameters, eval mode" if ok else
+                  f"the reference has {len(leaked)} trainable parameter(s) (first: {leaked[:1]}) "
+                  f"or is in training mode / shared with the policy")
+        return Check("reference_frozen", None, None, "", ok, detail)
+    adapters = len(lora_modules(models.policy))
+    base = [n for n in trainable if n.rsplit(".", 1)[-1] not in ADAPTER_LEAVES]
+    ok = adapters > 0 and not base
+    detail = (f"reference = policy with its {adapters} LoRA adapters off; only adapters are trainable"
+              if ok else f"the policy trains {len(base)} base weight(s) (first: {base[:1]}) that the "
+                         f"adapters-off reference shares, or has no adapters ({adapters})")
+    return Check("reference_frozen", None, None, "", ok, detail)
+
+
+def _max_diff(a: mx.array, b: mx.array) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if not mx.issubdtype(a.dtype, mx.floating):  # quantized weights: packed integers
+        return float(mx.any(a != b).item())
+    return float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))).item())
+
+
+def _adapter_delta(models: Models) -> float:
+    """Largest |scale * A B| entry over all LoRA layers: what the adapters add to the weights."""
+    worst = 0.0
+    for layer in lora_modules(models.policy):
+        delta = layer.scale * (layer.lora_a.astype(mx.float32) @ layer.lora_b.astype(mx.float32))
+        worst = max(worst, float(mx.max(mx.abs(delta)).item()))
+    return worst
+
+
+def policy_equals_reference(models: Models) -> Check:
+    adapter = _adapter_delta(models)
+    if models.reference is None:
+        return judge("policy_equals_reference", adapter, 0.0, "<=",
+                     "shared base weights; max |scale * A B| of the adapters")
+    policy, reference = _base_weights(models.policy), _base_weights(models.reference)
+    common = sorted(set(policy) & set(reference))
+    if not common or set(policy) != set(reference):
+        return Check("policy_equals_reference", None, 0.0, "<=", False,
+                     "parameter names differ; see architectures_match")
+    diffs = {name: _max_diff(policy[name], reference[name]) for name in common}
+    worst = max(diffs, key=diffs.get)
+    value = max(diffs[worst], adapter)
+    detail = f"max |dW| over {len(common)} tensors" + (f" (largest at {worst})" if diffs[worst] else "")
+    if diffs[worst] == float("inf"):
+        detail = f"shapes differ at {worst}; see architectures_match"
+    return judge("policy_equals_reference", value, 0.0, "<=", detail)
+
+
+def architectures_match(models: Models) -> Check:
+    if models.reference is None:
+        return Check("architectures_match", None, None, "", True,
+                     "one model: the reference is the policy with adapters off")
+    kinds = [f"{type(m).__module__}.{type(m).__name__}" for m in (models.policy, models.reference)]
+    if kinds[0] != kinds[1]:
+        return Check("architectures_match", None, None, "", False, f"model classes differ: {kinds[0]} vs {kinds[1]}")
+    policy, reference = _base_weights(models.policy), _base_weights(models.reference)
+    missing = sorted(set(policy) ^ set(reference))
+    if missing:
+        return Check("architectures_match", None, None, "", False,
+                     f"{len(missing)} parameter(s) in only one model, first: {missing[0]}")
+    shapes = [n for n in sorted(policy) if policy[n].shape != reference[n].shape]
+    if shapes:
+        n = shapes[0]
+        return Check("architectures_match", None, None, "", False,
+                     f"{len(shapes)} shape mismatch(es), first: {n} {policy[n].shape} vs {reference[n].shape}")
+    return Check("architectures_match", None, None, "", True,
+                 f"{kinds[0]}, {len(policy)} parameter tensors with equal shapes")
+
+
+def _special_tokens(tok) -> dict:
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    return {"map": dict(getattr(tok, "special_tokens_map", {}) or {}),
+            "ids": {k: getattr(tok, f"{k}_token_id", None) for k in ("eos", "bos", "pad", "unk")},
+            "eos_ids": sorted(getattr(tok, "eos_token_ids", None) or []),
+            "added": {i: (str(t), bool(getattr(t, "special", False))) for i, t in added.items()}}
+
+
+def tokenizers_agree(policy_tok, reference_tok) -> Check:
+    problems = []
+    pv, rv = policy_tok.get_vocab(), reference_tok.get_vocab()
+    if pv != rv:
+        only_p, only_r = sorted(set(pv) - set(rv)), sorted(set(rv) - set(pv))
+        moved = sorted(t for t in set(pv) & set(rv) if pv[t] != rv[t])
+        first = (f"only in the policy's: {only_p[:3]}" if only_p else
+                 f"only in the reference's: {only_r[:3]}" if only_r else f"ids differ for {moved[:3]}")
+        problems.append(f"vocabularies differ ({len(pv)} vs {len(rv)} tokens; {first})")
+    ps, rs = _special_tokens(policy_tok), _special_tokens(reference_tok)
+    for key, what in (("map", "special tokens"), ("ids", "special token ids"),
+                      ("eos_ids", "EOS token ids"), ("added", "added tokens")):
+        if ps[key] != rs[key]:
+            problems.append(f"{what} differ: {ps[key]} vs {rs[key]}"[:300])
+    if getattr(policy_tok, "chat_template", None) != getattr(reference_tok, "chat_template", None):
+        problems.append("chat templates differ")
+    if problems:
+        return Check("tokenizers_agree", None, None, "", False, "; ".join(problems))
+    return Check("tokenizers_agree", None, None, "", True,
+                 f"same vocabulary ({len(pv)} tokens), special tokens and chat template")
