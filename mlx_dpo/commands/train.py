@@ -26,7 +26,11 @@ def load_train_config(config_path, overrides):
 @click.option("--skip-bad-records", is_flag=True,
               help="Skip malformed records (and report how many) instead of stopping at the first.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (log lines only).")
-def train(config, overrides, resume, overwrite, skip_bad_records, no_progress):
+@click.option("--smoke", is_flag=True,
+              help="Check CONFIG before a long run: a few steps on a sample of its pairs, an evaluation, "
+                   "a checkpoint save and a resume, then the projected wall time and peak memory of the "
+                   "full run. Writes only to a temporary folder; exit code 1 if anything failed.")
+def train(config, overrides, resume, overwrite, skip_bad_records, no_progress, smoke):
     """Train a policy with DPO as CONFIG (YAML) says.
 
     With no CONFIG, runs the bundled smoke config: a tiny model and a synthetic preference
@@ -40,5 +44,10 @@ def train(config, overrides, resume, overwrite, skip_bad_records, no_progress):
         overrides = (*overrides, "data.on_bad_record=skip")
     cfg = load_train_config(config, overrides)
     click.echo(f"config: {cfg.source}", err=True)
+    if smoke:
+        from ..smoke import run_smoke
+
+        run_smoke(cfg, echo=click.echo)
+        return
     run_training(cfg, resume=resume, overwrite=overwrite, progress=not no_progress,
                  echo=lambda line: tqdm.write(line))
