@@ -115,7 +115,8 @@ class ConstraintsConfig:
 
 @dataclass
 class ComputeConfig:
-    fp16: bool = opt(False, "Half-precision base weights where the device supports it (Metal); CPU stays fp32.")
+    fp16: bool = opt(False, "Half precision where the device supports it: float16 weights on Metal, bfloat16 "
+                              "on CUDA (docs/backends.md); the CPU stays float32.")
     device: str = opt("auto", "auto (Metal, then CUDA, then CPU), metal, cuda or cpu.",
                       choices=["auto", "metal", "cuda", "cpu"])
     num_devices: int = opt(1, "Devices for data-parallel training (see docs/distributed.md).", min=1)
