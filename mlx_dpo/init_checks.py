@@ -32,6 +32,8 @@ def run_init_checks(cfg, engine, pairs: list, batch_size: int, step: int = 0,
                     source: str = "validation") -> list[Check]:
     """Every check's verdict. `pairs` are encoded pairs; the first batch_size form the KL batch."""
     models = getattr(engine, "models", None)
+    if type(models).__module__ != "mlx_dpo.models":  # e.g. the PyTorch engine: compared through evaluate() only
+        models = None
     resumed = f"skipped: resumed at step {step}, the policy has trained" if step else None
     checks = []
     if models is None:

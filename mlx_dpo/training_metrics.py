@@ -8,7 +8,10 @@ A measure that is unavailable (no scores, no benchmark) is NaN, so a comparison 
 `metrics.avg_gap >= 0.15` is False: the gate fails instead of raising.
 """
 from .data.quality import Gate, QualityReport, validate_dpo_pairs
+from .gates import enforce_gates  # stages 2, 5 and 7 (issue #4)
+from .monitor import check_quality_gates  # the workflow's monitor_training.py (issue #4)
 
 DPOPairMetrics = QualityReport  # the name the workflow's prose uses for the result
 
-__all__ = ["validate_dpo_pairs", "QualityReport", "DPOPairMetrics", "Gate"]
+__all__ = ["validate_dpo_pairs", "QualityReport", "DPOPairMetrics", "Gate", "enforce_gates",
+           "check_quality_gates"]
