@@ -74,6 +74,13 @@ class TrainingConfig:
     label_smoothing: float = opt(0.0, "Assumed label-noise rate for sigmoid (cDPO) and robust losses.", min=0, lt=0.5)
     seed: int = opt(42, "Seed for data order, LoRA initialisation and dropout.")
     max_bad_steps: int = opt(3, "Consecutive non-finite steps (skipped) before the run stops.", min=1)
+    precompute_reference: bool = opt(True, "Compute the reference log-probs of the training pairs once before "
+                                           "training and cache them on disk (keyed by data, model and "
+                                           "tokenization), instead of a reference forward in every step.")
+    reference_cache_dir: Optional[str] = opt(None, "Where cached reference log-probs live. Default: "
+                                                   "$MLX_DPO_CACHE or ~/.cache/mlx-dpo/reference-logps.")
+    share_prompt: bool = opt(True, "Run each pair's prompt once for chosen and rejected (same log-probs, "
+                                   "less compute; off with gradient checkpointing).")
 
 
 @dataclass
@@ -121,6 +128,7 @@ class ComputeConfig:
                       choices=["auto", "metal", "cuda", "cpu"])
     num_devices: int = opt(1, "Devices for data-parallel training (see docs/distributed.md).", min=1)
     gradient_checkpointing: bool = opt(False, "Recompute block activations in the backward pass to save memory.")
+    compile: bool = opt(True, "Trace the MLX training step with mx.compile (one trace per padded batch shape).")
 
 
 @dataclass

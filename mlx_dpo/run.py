@@ -16,6 +16,7 @@ from .errors import UserError
 from .hardware import METAL_ENV_DEFAULTS, blas_name
 from .init_checks import check_run_start
 from .kl_guard import KLGuard
+from .refcache import precompute_reference
 from .trainer import Ranks, Trainer
 
 
@@ -38,6 +39,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
     data = prepare_data(cfg, engine.tokenizer)
     for line in data.messages:
         echo(line)
+    precompute_reference(cfg, engine, data.train, batch_size, echo)  # training.precompute_reference
     trainer = Trainer(cfg, engine, data.train, data.val, batch_size, ranks, echo, progress)
     if resume:
         folder = trainer.resume()

@@ -6,6 +6,7 @@ The order of an epoch depends only on (seed, epoch), so a data position is just
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -27,6 +28,7 @@ class Batch:
     mask: np.ndarray
     num_pairs: int
     num_tokens: int  # real (non-pad) tokens in all 2B sequences
+    ref_logps: Optional[np.ndarray] = None  # (2B,) cached reference log-prob sums (refcache.py)
 
 
 def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -58,7 +60,10 @@ def collate(pairs: list[EncodedPair], pad_id: int) -> Batch:
         # target t is token t+1: completion tokens are targets start-1 ... n-1
         mask[row, start - 1:n] = 1.0
     tokens = sum(len(s) for s in seqs)
-    return Batch(inputs, targets, mask, len(pairs), tokens)
+    cached = [p.ref_logps for p in pairs]
+    ref = None if any(c is None for c in cached) else np.array(
+        [c[0] for c in cached] + [c[1] for c in cached], dtype=np.float32)
+    return Batch(inputs, targets, mask, len(pairs), tokens, ref)
 
 
 def shard(indices: np.ndarray, weights: list[float], rank: int) -> np.ndarray:

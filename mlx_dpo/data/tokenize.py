@@ -12,6 +12,7 @@ never ends up empty because max_response_length >= 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .records import Pair, Text
 
@@ -23,6 +24,7 @@ class EncodedPair:
     rejected: list[int]
     truncated: bool = False
     line: int = 0
+    ref_logps: Optional[tuple] = None  # (chosen, rejected) reference log-prob sums, when cached
 
     @property
     def length(self) -> int:

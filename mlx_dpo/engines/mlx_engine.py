@@ -1,7 +1,6 @@
 """The MLX engine: Metal on Apple silicon, the CPU elsewhere."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +15,7 @@ from ..logprobs import sequence_logps, token_kl
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
 from ..preference_gap import pair_gaps
+from .mlx_fast import FastPath, guarded_update
 
 
 class MLXEngine:
@@ -35,6 +35,8 @@ class MLXEngine:
         self._grad_fn = nn.value_and_grad(self.models.policy, self._loss_terms)
         self._grads = None
         self.group = None  # an mx.distributed group when training on several ranks
+        self.fast = FastPath(self)  # the hot path (engines/mlx_fast.py); None plan = plain path
+        self.notes.append(self.fast.describe())
 
     # -- the differentiated function ------------------------------------------------------
     def _policy_logps(self, logits, targets, mask):
@@ -64,9 +66,13 @@ class MLXEngine:
         mx.random.seed(value)
 
     def forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
-        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
-        ref_logps = self._reference_logps(inputs, targets, mask)
-        (_, aux), grads = self._grad_fn(inputs, targets, mask, ref_logps, 1.0 / global_pairs)
+        plan = self.fast.plan(batch)
+        if plan is not None:
+            grads, aux = self.fast.forward_backward(plan, batch.ref_logps, 1.0 / global_pairs)
+        else:
+            inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+            ref_logps = self._reference_logps(inputs, targets, mask)
+            (_, aux), grads = self._grad_fn(inputs, targets, mask, ref_logps, 1.0 / global_pairs)
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
         stats = _sums(*aux, batch)
         mx.eval(self._grads, stats)
@@ -78,27 +84,25 @@ class MLXEngine:
             return float("nan"), False
         if self.group is not None:
             grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads)
-        max_norm = self.cfg.optimization.max_grad_norm
-        if max_norm > 0:
-            grads, norm = optim.clip_grad_norm(grads, max_norm)
-        else:
-            norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
-        norm = float(norm)
-        if not math.isfinite(norm):
-            return norm, False
         self.optimizer.learning_rate = mx.array(learning_rate, dtype=mx.float32)
-        self.optimizer.update(self.models.policy, grads)
-        mx.eval(self.models.policy.trainable_parameters(), self.optimizer.state)
-        return norm, True
+        # One evaluation for norm, clip and step: a non-finite norm is refused inside the graph.
+        norm, ok = guarded_update(self.optimizer, self.models.policy, grads,
+                                  self.cfg.optimization.max_grad_norm)
+        mx.eval(norm, ok, self.models.policy.trainable_parameters(), self.optimizer.state)
+        return float(norm), bool(ok)
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
         inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
         policy = self.models.policy
         policy.eval()
         try:
-            ref_logits = reference_forward(self.models, inputs)
+            plan = self.fast.plan(batch)
+            if plan is not None:  # logits at completion positions only
+                logits, ref_logits = self.fast.eval_logits(plan)
+                targets, mask = mx.array(plan.targets), mx.array(plan.weights)
+            else:
+                ref_logits, logits = reference_forward(self.models, inputs), policy(inputs)
             ref_logps = self._policy_logps(ref_logits, targets, mask)
-            logits = policy(inputs)
             _, aux = self._dpo_terms(logits, targets, mask, ref_logps)
             stats = _sums(*aux, batch)
             stats["kl_sum"] = token_kl(logits, ref_logits, mask).sum()
@@ -108,6 +112,14 @@ class MLXEngine:
         finally:
             policy.train()
         return {k: float(v) for k, v in stats.items()}
+
+    def reference_sums(self, batch: Batch) -> mx.array:
+        """Summed completion log-probs of the reference, (2B,): what refcache.py stores."""
+        plan = self.fast.plan(batch)
+        if plan is not None:
+            return self.fast.reference_sums(plan)
+        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+        return sequence_logps(reference_forward(self.models, inputs), targets, mask)
 
     def save_state(self, folder: Path) -> None:
         save_adapters(self.models, folder)

@@ -1,0 +1,131 @@
+"""The MLX engine's hot path: completion-only logits, optional shared prompt, cached reference
+log-probs, `mx.compile`, and an optimizer step that needs no host round-trip.
+
+MLXEngine keeps the interface and the plain path; it hands a batch here whenever a `Plan`
+can be made (completions are contiguous runs, the model's top is a plain body + LM head).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..completion import Plan, completion_logits, make_plan, split_model
+from ..data.batching import Batch
+from ..logprobs import sequence_logps
+from ..models import adapters_disabled
+
+
+class FastPath:
+    """Differentiated DPO terms from a Plan. `engine` supplies models, config and `_dpo_terms`."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        cfg = engine.cfg
+        policy = engine.models.policy
+        self.enabled = split_model(policy) is not None and (
+            engine.models.reference is None or split_model(engine.models.reference) is not None)
+        # mx.checkpoint wraps each block's call and cannot carry the shared-prompt KV caches.
+        self.shared = cfg.training.share_prompt and not cfg.compute.gradient_checkpointing
+        self.compile = cfg.compute.compile
+        self._grad = nn.value_and_grad(policy, self._loss)
+        self._compiled: dict = {}
+        self._state = [policy.state, mx.random.state]
+        if engine.models.reference is not None:
+            self._state.insert(1, engine.models.reference.state)
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "hot path: full logits (model top not recognised)"
+        parts = ["completion-only logits", "shared prompt" if self.shared else "prompt per sequence",
+                 "mx.compile" if self.compile else "eager"]
+        return "hot path: " + ", ".join(parts)
+
+    def plan(self, batch: Batch) -> Optional[Plan]:
+        return make_plan(batch, self.shared) if self.enabled else None
+
+    # -- differentiated function --------------------------------------------------------------
+    def logps(self, logits, plan_targets, plan_weights):
+        return self.engine._policy_logps(logits, plan_targets, plan_weights)
+
+    def reference_logits(self, shared: bool, arrays: tuple) -> mx.array:
+        models = self.engine.models
+        if models.reference is not None:
+            return mx.stop_gradient(completion_logits(models.reference, shared, arrays))
+        with adapters_disabled(models.policy):
+            return mx.stop_gradient(completion_logits(models.policy, shared, arrays))
+
+    def _loss(self, shared, arrays, targets, weights, ref_logps, scale):
+        if ref_logps is None:  # live reference
+            ref_logps = self.logps(self.reference_logits(shared, arrays), targets, weights)
+        logits = completion_logits(self.engine.models.policy, shared, arrays)
+        total, aux = self.engine._dpo_terms(logits, targets, weights, ref_logps)
+        return total * scale, aux
+
+    def _step_fn(self, plan: Plan, cached: bool):
+        """One function per (shared, cached) variant; mx.compile retraces per new shape."""
+        key = (plan.shared, cached)
+        shared = plan.shared
+        if key not in self._compiled:
+            def step(*args):
+                *arrays, targets, weights, ref, scale = args
+                (_, aux), grads = self._grad(shared, tuple(arrays), targets, weights,
+                                             ref if cached else None, scale)
+                return grads, aux
+
+            self._compiled[key] = (mx.compile(step, inputs=self._state, outputs=self._state)
+                                   if self.compile else step)
+        return self._compiled[key]
+
+    def forward_backward(self, plan: Plan, ref_logps: Optional[np.ndarray], scale: float):
+        """(grads, aux) of sum(losses) * scale; aux as MLXEngine._dpo_terms returns it."""
+        cached = ref_logps is not None
+        ref = mx.array(ref_logps, dtype=mx.float32) if cached else mx.array(0.0)
+        if cached and self.engine.loss.length_normalized:
+            ref = ref / mx.maximum(mx.array(plan.weights).sum(axis=-1), 1)
+        fn = self._step_fn(plan, cached)
+        return fn(*plan.arrays(), mx.array(plan.targets), mx.array(plan.weights), ref,
+                  mx.array(scale, dtype=mx.float32))
+
+    def eval_logits(self, plan: Plan) -> tuple[mx.array, mx.array]:
+        """(policy logits, reference logits), both (N, C, V), for evaluation."""
+        arrays = plan.arrays()
+        return (completion_logits(self.engine.models.policy, plan.shared, arrays),
+                self.reference_logits(plan.shared, arrays))
+
+    def reference_sums(self, plan: Plan) -> mx.array:
+        """Summed completion log-probs of the reference, (N,): what the cache stores."""
+        logits = self.reference_logits(plan.shared, plan.arrays())
+        return sequence_logps(logits, mx.array(plan.targets), mx.array(plan.weights))
+
+
+def guarded_update(optimizer, model, grads, max_norm: float):
+    """Clip and step lazily; a non-finite norm leaves weights and optimizer state as they were.
+
+    The finiteness test is an `mx.where` inside the graph, so the step needs no host round-trip
+    before the update; old and new arrays coexist during evaluation either way (MLX is
+    functional), so this costs no extra peak memory.
+    """
+    if max_norm > 0:
+        grads, norm = optim.clip_grad_norm(grads, max_norm)
+    else:
+        norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+    ok = mx.isfinite(norm)
+    old_params = dict(tree_flatten(model.trainable_parameters()))
+    old_state = dict(tree_flatten(optimizer.state))
+    optimizer.update(model, grads)
+    model.update(_keep_old_unless(ok, model.trainable_parameters(), old_params))
+    optimizer.state = _keep_old_unless(ok, optimizer.state, old_state)
+    return norm, ok
+
+
+def _keep_old_unless(ok: mx.array, new_tree, old_flat: dict):
+    """new where ok, else old; entries the step created (first-use optimizer state) stay new."""
+    merged = [(k, mx.where(ok, v, old_flat[k]) if k in old_flat else v)
+              for k, v in tree_flatten(new_tree)]
+    return tree_unflatten(merged)
+
