@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from .conflicts import PairIndex
+from .conflicts import PairIndex, is_identical_pair
 from .benchmarks import load_benchmarks
 from .decontamination import DEFAULT_NGRAM, contaminated_pairs
 from .files import copy_lines
 from .keys import fast_key
 from .records import RecordError, iter_records
 
-IDENTICAL_REASON = "chosen is identical to rejected"  # records.py's wording for such pairs
 CHUNK = 4096
 
 
@@ -56,7 +55,7 @@ def clean_pairs(path, out, conflicts: str = "drop", benchmarks: Optional[Sequenc
         result.read += 1
         if isinstance(item, RecordError):
             result.malformed.append(item)
-            result.identical += item.reason.startswith(IDENTICAL_REASON)
+            result.identical += is_identical_pair(item)
             continue
         valid.add(item.line)
         pairs.add(fast_key(item.prompt), fast_key(item.chosen), fast_key(item.rejected), item.line)

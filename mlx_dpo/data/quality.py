@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .conflicts import Conflict, PairIndex
+from .conflicts import PairIndex, is_identical_pair
 from .benchmarks import load_benchmarks
 from .decontamination import DEFAULT_NGRAM, BenchmarkError, NgramIndex, contaminated_pairs
 from .gap import DEFAULT_SCALE, AnnotationGap, GapStats, ModelGap
@@ -28,7 +28,6 @@ DEFAULT_MIN_PAIRS = 1000
 DEFAULT_GAP = 0.15
 DEFAULT_DECONTAMINATION = 0.9
 DEFAULT_BENCHMARKS = ("humaneval",)
-IDENTICAL_REASON = "chosen is identical to rejected"  # records.py's wording for such pairs
 CHUNK = 4096  # pairs matched against benchmarks at once: big enough for numpy, small in memory
 
 
@@ -116,37 +115,39 @@ def validate_dpo_pairs(dpo_path, gap_threshold: Optional[float] = None, *,
     index = _benchmark_index(benchmarks, ngram, report)
     gap = ModelGap(scores) if scores else AnnotationGap(tuple(score_scale))
     lengths = _lengths(cfg, tokenizer, report)
-    pairs_index = PairIndex()
-    chunk: list[Pair] = []
-    for item in iter_records(dpo_path):
-        if isinstance(item, RecordError):
-            report.bad_records.append(item)
-            report.identical += item.reason.startswith(IDENTICAL_REASON)
-            continue
-        report.total_pairs += 1
-        pairs_index.add(fast_key(item.prompt), fast_key(item.chosen), fast_key(item.rejected), item.line)
-        if scores:
-            gap.add(pair_id(item), item.line)
-        else:
-            gap.add(item.extra, item.line)
-        lengths.add(item)
-        chunk.append(item)
-        if len(chunk) >= CHUNK:
-            report.contaminated += contaminated_pairs(index, chunk)
-            chunk = []
-    report.contaminated += contaminated_pairs(index, chunk)
+    pairs = _read(dpo_path, report, index, gap, lengths)
     if not report.total_pairs:
         _unusable(report)
-    report.duplicates = pairs_index.duplicates
-    report.conflicts = pairs_index.conflicts()
-    report.gap = gap.stats
-    report.avg_gap = gap.stats.average
+    report.duplicates = pairs.duplicates
+    report.conflicts = pairs.conflicts()
+    report.gap, report.avg_gap = gap.stats, gap.stats.average
     if index is not None:
         report.decontamination = 1.0 - len(report.contaminated) / report.total_pairs
     report.lengths = lengths.stats.summary()
     on_bad = cfg.data.on_bad_record if cfg is not None else "error"
     report.gates = _judge(report, thresholds, max_conflicts, on_bad, bool(scores))
     return report
+
+
+def _read(path, report: QualityReport, index, gap, lengths) -> PairIndex:
+    """One pass over the file: bad records, identities, gap, lengths; benchmarks per chunk."""
+    pairs, chunk = PairIndex(), []
+    by_content = isinstance(gap, ModelGap)
+    for item in iter_records(path):
+        if isinstance(item, RecordError):
+            report.bad_records.append(item)
+            report.identical += is_identical_pair(item)
+            continue
+        report.total_pairs += 1
+        pairs.add(fast_key(item.prompt), fast_key(item.chosen), fast_key(item.rejected), item.line)
+        gap.add(pair_id(item) if by_content else item.extra, item.line)
+        lengths.add(item)
+        chunk.append(item)
+        if len(chunk) >= CHUNK:
+            report.contaminated += contaminated_pairs(index, chunk)
+            chunk = []
+    report.contaminated += contaminated_pairs(index, chunk)
+    return pairs
 
 
 def _load_config(config):
@@ -202,10 +203,10 @@ def _lengths(cfg, tokenizer: Optional[str], report: QualityReport):
             raise
         report.notes.append(f"lengths in characters: {err}")
         return CharLengths()
-    data = cfg.data if cfg is not None else None
-    return TokenLengths(tok, data.max_prompt_length if data else 512,
-                        data.max_response_length if data else 1024,
-                        data.chat_template if data else "auto", name=path)
+    from ..config import DataConfig
+
+    data = cfg.data if cfg is not None else DataConfig()  # the training defaults without a config
+    return TokenLengths(tok, data.max_prompt_length, data.max_response_length, data.chat_template, name=path)
 
 
 def _unusable(report: QualityReport):
