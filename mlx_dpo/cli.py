@@ -38,6 +38,7 @@ def _register() -> None:
     from .commands import doctor as doctor_cmd; main.add_command(doctor_cmd.doctor)  # noqa: E702
     from .commands import gates as gates_cmd; main.add_command(gates_cmd.gates)  # noqa: E702
     from .commands import init_check; main.add_command(init_check.init_check)  # noqa: E702
+    from .commands import launch as launch_cmd; main.add_command(launch_cmd.launch)  # noqa: E702
     from .commands import monitor as monitor_cmd; main.add_command(monitor_cmd.monitor)  # noqa: E702
     main.add_command(train.train)
     # One line per command module; keep them sorted.

@@ -127,6 +127,13 @@ class ComputeConfig:
     device: str = opt("auto", "auto (Metal, then CUDA, then CPU), metal, cuda or cpu.",
                       choices=["auto", "metal", "cuda", "cpu"])
     num_devices: int = opt(1, "Devices for data-parallel training (see docs/distributed.md).", min=1)
+    split: str = opt("0.65,0.35", "Several machines (mlx-dpo launch): each rank's share of every global batch, "
+                                  "in hostfile order, e.g. 0.65,0.35; or auto (measured by probe steps).")
+    split_probe_steps: int = opt(3, "compute.split auto: timed probe steps per rank, after one warm-up step.", min=1)
+    peer_timeout: float = opt(300.0, "Several machines: seconds a rank may wait for its peers in one exchange "
+                                     "before the watchdog stops the run (peer stalled at step N).", gt=0)
+    join_timeout: float = opt(120.0, "Several machines: seconds to wait for every rank to join and prove the "
+                                     "shared secret.", gt=0)
     gradient_checkpointing: bool = opt(False, "Recompute block activations in the backward pass to save memory.")
     compile: bool = opt(True, "Trace the MLX training step with mx.compile (one trace per padded batch shape).")
 

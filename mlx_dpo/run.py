@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +12,7 @@ from . import checkpoint
 from .autotune import resolve_batch_size
 from .config import Config, check_files
 from .data.pipeline import prepare_data
+from .distributed import join_cluster
 from .engines import make_engine, select_device
 from .errors import UserError
 from .hardware import METAL_ENV_DEFAULTS, blas_name
@@ -25,10 +27,15 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
                  ranks: Ranks = Ranks(), engine=None) -> dict:
     """Train as the config says; returns the summary (also printed)."""
     check_files(cfg)
+    cluster = join_cluster(cfg, echo)  # None alone; else the MLX ring (docs/distributed.md)
+    if cluster is not None:
+        ranks, echo = cluster.ranks, cluster.quiet(echo)
     out = Path(cfg.logging.output_dir)
     _check_output_dir(out, resume, overwrite, ranks.rank == 0)
     device = select_device(cfg)
     engine = engine or make_engine(cfg, device)
+    if cluster is not None:
+        cluster.attach(engine)
     if ranks.world == 1 and getattr(engine, "ranks", None) is not None:
         ranks = engine.ranks  # a torchrun group (PyTorch engine, docs/backends.md)
     batch_size, source = resolve_batch_size(cfg, device, engine, ranks.rank, ranks.world, echo)
@@ -48,7 +55,8 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
     check_run_start(cfg, engine, data, batch_size, trainer.state.step, echo)  # stage-3 gate
     guard = KLGuard.attach(trainer, echo)  # constraints.kl_target, kl_action, best.json
     start = time.perf_counter()
-    final_eval = trainer.train()
+    with cluster.training(trainer, echo) if cluster else nullcontext():  # rank 0's state, split, watchdogs
+        final_eval = trainer.train()
     if ranks.rank == 0:
         engine.export(_fresh(out / "final"))
     summary = _summary(cfg, trainer, final_eval, time.perf_counter() - start, out)
