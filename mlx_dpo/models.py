@@ -36,12 +36,12 @@ def load_models(cfg: Config, device_kind: str = "cpu") -> Models:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     policy, tokenizer, model_config = _load(cfg.policy_path, cfg.model.trust_remote_code)
-    notes = [_set_precision(policy, cfg.compute.fp16, device_kind)]
+    notes = [_set_precision(policy, cfg.compute.fp16, device_kind, cfg.model.finetune)]
     separate_ref = cfg.model.finetune == "full" or cfg.reference_path != cfg.policy_path
     reference = None
     if separate_ref:
         reference, ref_tokenizer, _ = _load(cfg.reference_path, cfg.model.trust_remote_code)
-        _set_precision(reference, cfg.compute.fp16, device_kind)
+        _set_precision(reference, cfg.compute.fp16, device_kind, "frozen")
         reference.freeze()
         reference.eval()
     num_layers = len(policy.layers) if cfg.model.lora_layers < 0 else cfg.model.lora_layers
@@ -83,14 +83,18 @@ def _load(path: str, trust_remote_code: bool):
     return model, tokenizer, config
 
 
-def _set_precision(model: nn.Module, fp16: bool, device_kind: str) -> str:
-    """fp32 on CPU (bf16/fp16 matmuls are slow there); fp16 weights on Metal when asked."""
-    if fp16 and device_kind == "metal":
+def _set_precision(model: nn.Module, fp16: bool, device_kind: str, role: str) -> str:
+    """Half precision only for weights that are not trained (LoRA's base, a frozen reference) and
+    only on Metal: the CPU has no fast half-precision matmul, and AdamW on fp16 master weights
+    loses small updates. LoRA adapters are created afterwards in float32."""
+    if fp16 and device_kind == "metal" and role != "full":
         model.set_dtype(mx.float16)
-        return "precision: float16 weights (compute.fp16, Metal)"
+        return "precision: float16 frozen weights, float32 adapters (compute.fp16, Metal)"
     model.set_dtype(mx.float32)
-    reason = " (compute.fp16 ignored: no half-precision speed-up on CPU)" if fp16 else ""
-    return f"precision: float32{reason}"
+    if not fp16:
+        return "precision: float32"
+    why = "no half-precision speed-up on CPU" if device_kind != "metal" else "full fine-tuning keeps fp32 weights"
+    return f"precision: float32 (compute.fp16 ignored: {why})"
 
 
 def checkpoint_layer(layer: nn.Module) -> None:
