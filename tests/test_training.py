@@ -199,3 +199,9 @@ def test_gradient_checkpointing_gives_the_same_update(make_config):
         engine.forward_backward(collate(pairs, 0), 4)
         engine.apply_update(1e-3)
     assert_same(weights(plain.models.policy), weights(ckpt.models.policy), atol=1e-6)
+
+
+def test_fp16_request_on_cpu_trains_in_fp32_and_says_so(make_config):
+    engine = MLXEngine(make_config(**{"compute.fp16": True}))
+    assert "precision: float32 (compute.fp16 ignored: no half-precision speed-up on CPU)" in engine.notes
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(engine.models.policy.parameters()))
