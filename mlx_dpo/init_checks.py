@@ -49,7 +49,8 @@ def run_init_checks(cfg, engine, pairs: list, batch_size: int, step: int = 0,
     checks.append(_tokenizers(cfg, engine, models))
     mismatch = [c.name for c in checks if c.name in ("architectures_match", "tokenizers_agree") and not c.passed]
     if mismatch:  # different vocabularies or shapes: the two distributions cannot be compared
-        checks.append(Check("initial_kl", None, KL_LIMIT, "<", False, f"not measurable: {' and '.join(mismatch)} failed"))
+        checks.append(Check("initial_kl", None, KL_LIMIT, "<", False,
+                            f"not measurable: {' and '.join(mismatch)} failed"))
     else:
         checks.append(_skipped("initial_kl", resumed) or initial_kl(engine, pairs, batch_size, source))
     return checks

@@ -73,10 +73,10 @@ def test_preference_data_fail_exit_1(tmp_path, bench):
     assert "Result: FAILED (preference_gap)" in result.output
 
 
-def test_preference_data_target_from_config(tmp_path, bench):
+def test_preference_data_target_from_config(tmp_path, bench, tiny_model):
     path = write_jsonl(tmp_path / "p.jsonl", pairs(1000, scores=(5.0, 4.0)))
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"base_model": "none"}, "data": {"train_file": str(path)},
+    config.write_text(yaml.safe_dump({"model": {"base_model": str(tiny_model)}, "data": {"train_file": str(path)},
                                       "constraints": {"preference_gap_target": 0.1}}))
     result = gates("preference_data", "--pairs", path, "--benchmark", bench, "--config", config)
     assert result.exit_code == 0, result.output

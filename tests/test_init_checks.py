@@ -43,7 +43,8 @@ def test_full_finetune_separate_reference_passes(make_config):
 
 
 def test_policy_from_other_weights_fails(make_config, tiny_model, variants):
-    cfg = make_config(**{"model.reference_model": str(tiny_model), "model.policy_model": str(variants["other_weights"])})
+    cfg = make_config(**{"model.reference_model": str(tiny_model),
+                         "model.policy_model": str(variants["other_weights"])})
     checks = checks_of(cfg)
     assert not checks["policy_equals_reference"].passed and checks["policy_equals_reference"].value > 0
     assert not checks["initial_kl"].passed and checks["initial_kl"].value > 1e-3
