@@ -95,4 +95,5 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         return _load(path, {"trust_remote_code": trust_remote_code})
     except Exception as err:  # missing files, no network for a hub id, bad tokenizer.json
-        raise UserError(f"cannot load a tokenizer from {path!r}: {str(err)[:200]}") from None
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load a tokenizer from {path!r}: {first_line[:200]}") from None
