@@ -167,7 +167,8 @@ def memory_estimate_gb(cfg: Config, device: DeviceInfo, engine: Optional[str], s
 def _memory_finding(cfg: Config, device: DeviceInfo, engine: Optional[str], sizes: dict) -> Finding:
     need = memory_estimate_gb(cfg, device, engine, sizes)
     budget = cfg.compute.memory_fraction * device.memory_gb
-    text = (f"~{need:.1f} GB for weights, gradients and optimizer state (before activations) "
+    shown = f"{need:.1f} GB" if need >= 1 else f"{need * 1024:.1f} MB"
+    text = (f"~{shown} for weights, gradients and optimizer state (before activations) "
             f"of {device.memory_gb:.1f} GB")
     if need > device.memory_gb:
         return Finding("config", "memory", text + ": does not fit; try model.finetune: lora", "fail")
