@@ -73,6 +73,46 @@ def write_pairs(path: Path, n: int, leak_share: float, seed: int) -> int:
     return leaked
 
 
+def breakdown(path: Path, repeats: int) -> None:
+    """Time each stage of validation in this process (min over repeats), per the whole file."""
+    from mlx_dpo.data.benchmarks import load_benchmarks
+    from mlx_dpo.data.conflicts import PairIndex
+    from mlx_dpo.data.decontamination import contaminated_pairs
+    from mlx_dpo.data.gap import AnnotationGap
+    from mlx_dpo.data.keys import fast_key
+    from mlx_dpo.data.lengths import CharLengths
+    from mlx_dpo.data.quality import CHUNK
+    from mlx_dpo.data.records import iter_records
+
+    pairs = list(iter_records(path))
+    index = load_benchmarks(["humaneval"])
+
+    def identities():
+        found = PairIndex()
+        for p in pairs:
+            found.add(fast_key(p.prompt), fast_key(p.chosen), fast_key(p.rejected), p.line)
+        found.conflicts()
+
+    def gap_and_lengths():
+        gap, lengths = AnnotationGap(), CharLengths()
+        for p in pairs:
+            gap.add(p.extra, p.line)
+            lengths.add(p)
+        lengths.stats.summary()
+
+    stages = {"read + schema (records.py)": lambda: list(iter_records(path)),
+              "decontamination": lambda: [contaminated_pairs(index, pairs[i:i + CHUNK])
+                                          for i in range(0, len(pairs), CHUNK)],
+              "identities + conflicts": identities, "gap + lengths": gap_and_lengths}
+    for name, stage in stages.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            stage()
+            times.append(time.perf_counter() - start)
+        print(f"  {name:<28} min {min(times):.2f} s, median {statistics.median(times):.2f} s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=100_000)
@@ -80,6 +120,7 @@ def main() -> int:
     parser.add_argument("--leak", type=float, default=0.005, help="share of pairs given a HumanEval passage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="write the pairs here and keep them")
+    parser.add_argument("--breakdown", action="store_true", help="also time each stage in-process")
     args = parser.parse_args()
 
     folder = tempfile.TemporaryDirectory()
@@ -112,6 +153,8 @@ def main() -> int:
     print(f"data validate, {args.pairs} pairs: wall min {min(times):.2f} s, median {statistics.median(times):.2f} s; "
           f"CPU min {min(cpu):.2f} s, median {statistics.median(cpu):.2f} s over {args.repeats} runs "
           f"(load average {load:.1f})")
+    if args.breakdown:
+        breakdown(path, args.repeats)
     return 0
 
 
