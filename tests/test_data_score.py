@@ -69,6 +69,23 @@ def test_reference_equal_to_model_gives_zero_rewards(tmp_path, tiny_model, pairs
     assert row["beta"] == 0.5 and row["reward_chosen"] == 0.0 and row["reward_margin"] == 0.0
 
 
+def test_separate_reference_rewards(tmp_path, tiny_model, pairs_file):
+    """reward = beta * (logp under the model - logp under the reference), each scored alone."""
+    from conftest import build_model
+
+    path, _ = pairs_file
+    other = build_model(tmp_path / "other", seed=1)  # same tokenizer, other weights
+    a, b, both = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "both.jsonl"
+    assert score(path, "--model", tiny_model, "--out", a).exit_code == 0
+    assert score(path, "--model", other, "--out", b).exit_code == 0
+    assert score(path, "--model", tiny_model, "--reference", other, "--beta", 0.2, "--out", both).exit_code == 0
+    for ra, rb, r in zip(read(a), read(b), read(both)):
+        assert r["reward_chosen"] == pytest.approx(0.2 * (ra["logp_chosen"] - rb["logp_chosen"]), abs=1e-4)
+        assert r["reward_rejected"] == pytest.approx(0.2 * (ra["logp_rejected"] - rb["logp_rejected"]), abs=1e-4)
+        assert r["reward_margin"] == pytest.approx(r["reward_chosen"] - r["reward_rejected"])
+    assert any(abs(r["reward_margin"]) > 1e-3 for r in read(both))
+
+
 def make_adapter(tiny_model, folder):
     """LoRA adapters in mlx-lm's format with a non-zero B, so the adapted model differs."""
     import mlx.core as mx

@@ -29,7 +29,7 @@ def data():
     """Check, score, clean and split preference-pair files (JSONL)."""
 
 
-@data.command()
+@data.command(short_help="Judge a pairs file against the stage-2 gates (exit 0 pass, 1 fail, 2 bad input).")
 @PAIRS
 @click.option("--config", type=click.Path(dir_okay=False),
               help="Training config: thresholds from `constraints`, token limits and tokenizer from it.")
@@ -68,7 +68,7 @@ def validate(pairs, config, benchmarks, ngram, min_pairs, min_gap, min_decontami
     sys.exit(report.exit_code)
 
 
-@data.command()
+@data.command(short_help="Remove malformed, duplicate, conflicting (and contaminated) pairs.")
 @PAIRS
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where the cleaned pairs go.")
 @click.option("--conflicts", type=click.Choice(POLICIES), default="drop", show_default=True,
@@ -97,7 +97,7 @@ def clean(pairs, out, conflicts, benchmarks, ngram, as_json):
         click.echo(f"    ... {len(result.malformed) - 5} more malformed records (see --json)")
 
 
-@data.command()
+@data.command(short_help="Train / validation files by prompt hash (no prompt in both).")
 @PAIRS
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
               help="Share of prompts that go to validation.")
@@ -125,7 +125,7 @@ def split(pairs, val_fraction, seed, train_out, val_out, skip_bad, force, as_jso
         click.echo(f"skipped {len(result.skipped)} malformed records, first: {result.skipped[0]}")
 
 
-@data.command()
+@data.command(short_help="Per-pair log-probs and implicit rewards under a model.")
 @PAIRS
 @click.option("--model", required=True, help="Model folder (mlx-lm format) or Hugging Face id to score with.")
 @click.option("--adapter", type=click.Path(file_okay=False), help="LoRA adapters to apply (a training output).")

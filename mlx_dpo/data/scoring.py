@@ -61,9 +61,10 @@ def score_pairs(pairs_path, model: str, out, adapter: Optional[str] = None,
 
     data = read_pairs(pairs_path, on_bad)
     policy, tokenizer = load_scoring_model(model, adapter)
+    same_model = reference is not None and Path(reference).resolve() == Path(model).resolve()
+    same_base = same_model and adapter is not None  # reference = this model with adapters off
     ref_model = None
-    same_base = reference is not None and adapter and Path(reference).resolve() == Path(model).resolve()
-    if reference is not None and not same_base:
+    if reference is not None and not same_model:
         ref_model, _ = load_scoring_model(reference)
     encoder = PairEncoder(tokenizer, max_prompt_length, max_response_length, chat_template)
     encoded = [encoder.encode(p) for p in data.pairs]
@@ -84,6 +85,8 @@ def score_pairs(pairs_path, model: str, out, adapter: Optional[str] = None,
         if same_base:
             with adapters_disabled(policy):  # the training reference: the base without adapters
                 ref = logps(policy, batch)
+        elif same_model:
+            ref = pol  # the same weights: no second copy, no second pass
         elif ref_model is not None:
             ref = logps(ref_model, batch)
         for k, i in enumerate(idx):
