@@ -34,6 +34,7 @@ def main():
 def _register() -> None:
     from .commands import train
 
+    from .commands import convert as convert_cmd; main.add_command(convert_cmd.convert)  # noqa: E702
     from .commands import data as data_cmd; main.add_command(data_cmd.data)  # noqa: E702
     from .commands import doctor as doctor_cmd; main.add_command(doctor_cmd.doctor)  # noqa: E702
     from .commands import gates as gates_cmd; main.add_command(gates_cmd.gates)  # noqa: E702
