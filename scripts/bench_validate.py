@@ -129,8 +129,8 @@ def main() -> int:
     size_mb = path.stat().st_size / 1e6
     print(f"{args.pairs} pairs, {size_mb:.1f} MB ({size_mb * 1e3 / args.pairs:.2f} KB/pair), "
           f"{leaked} with a HumanEval passage; {os.cpu_count()} CPUs")
-    command = [sys.executable, "-c", "from mlx_dpo.cli import main; main()", "data", "validate", str(path), "--benchmark", "humaneval",
-               "--json"]
+    command = [sys.executable, "-c", "from mlx_dpo.cli import main; main()",
+               "data", "validate", str(path), "--benchmark", "humaneval", "--json"]
     times, cpu = [], []
     for repeat in range(args.repeats):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -144,7 +144,8 @@ def main() -> int:
             return 2
         report = json.loads(done.stdout)
         found = len(report["decontamination_detail"]["contaminated"])
-        print(f"  run {repeat + 1}: {times[-1]:.2f} s wall, {cpu[-1]:.2f} s CPU  (pairs {report['total_pairs']}, gap {report['avg_gap']:.4f}, "
+        print(f"  run {repeat + 1}: {times[-1]:.2f} s wall, {cpu[-1]:.2f} s CPU  "
+              f"(pairs {report['total_pairs']}, gap {report['avg_gap']:.4f}, "
               f"decontamination {report['decontamination']:.4f}, contaminated {found})")
         if found < leaked:
             print(f"error: {leaked} leaked pairs, only {found} found", file=sys.stderr)

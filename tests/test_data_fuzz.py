@@ -18,7 +18,8 @@ ODD = ["é", "ß", "ﬁ", "Ｓ", "\u0301", "\u200b", "\u202e", "\u2028", "\u0000
 def odd_text(rng, max_words=12):
     words = []
     for _ in range(rng.randint(1, max_words)):
-        word = "".join(rng.choice(ODD) if rng.random() < 0.3 else rng.choice("abcxyz") for _ in range(rng.randint(1, 6)))
+        word = "".join(rng.choice(ODD) if rng.random() < 0.3 else rng.choice("abcxyz")
+                       for _ in range(rng.randint(1, 6)))
         words.append(word)
     return "w " + " ".join(words)  # "w" keeps every text non-blank
 

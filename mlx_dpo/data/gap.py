@@ -23,7 +23,6 @@ from typing import Optional
 from ..errors import UserError
 
 DEFAULT_SCALE = (1.0, 10.0)  # UltraFeedback's overall score scale
-SCORE_KEYS = ("score_chosen", "score_rejected")
 _MISSING = object()
 
 
@@ -32,7 +31,7 @@ class ScoresError(UserError):
 
 
 def parse_scale(text: str) -> tuple[float, float]:
-    """'1:10' or '0-1' -> (1.0, 10.0); the scale the annotation scores are declared on."""
+    """The declared scale of annotation scores: '1:10' -> (1.0, 10.0); '0-1' and '0,1' work too."""
     for sep in (":", ","):
         if sep in text:
             lo, _, hi = text.partition(sep)

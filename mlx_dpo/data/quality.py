@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .conflicts import PairIndex, is_identical_pair
 from .benchmarks import load_benchmarks
+from .conflicts import PairIndex, is_identical_pair
 from .decontamination import DEFAULT_NGRAM, BenchmarkError, NgramIndex, contaminated_pairs
 from .gap import DEFAULT_SCALE, AnnotationGap, GapStats, ModelGap
 from .keys import fast_key, pair_id
 from .lengths import CharLengths, TokenLengths, load_tokenizer
-from .records import Pair, RecordError, iter_records
+from .records import RecordError, iter_records
 
 DEFAULT_MIN_PAIRS = 1000
 DEFAULT_GAP = 0.15
