@@ -101,6 +101,9 @@ class ConstraintsConfig:
     kl_target: float = opt(0.1, "Maximum validation KL(policy || reference) per completion token.", gt=0)
     preference_gap_target: float = opt(0.15, "Minimum preference gap on the validation pairs "
                                              "(docs/quality-gates.md defines it).", min=0, max=1)
+    min_pairs: int = opt(1000, "Stage-2 gate: minimum number of preference pairs.", min=1)
+    decontamination_target: float = opt(0.9, "Stage-2 gate: minimum share of pairs sharing no n-gram with the "
+                                              "evaluation benchmarks.", min=0, max=1)
     kl_action: str = opt("warn", "When validation KL exceeds kl_target after an evaluation: warn (log, go on), "
                                  "stop (end the run, exit 1), rollback (restore the best checkpoint within "
                                  "the target and go on).", choices=["warn", "stop", "rollback"])
@@ -126,6 +129,11 @@ class ComputeConfig:
                               "on CUDA (docs/backends.md); the CPU stays float32.")
     device: str = opt("auto", "auto (Metal, then CUDA, then CPU), metal, cuda or cpu.",
                       choices=["auto", "metal", "cuda", "cpu"])
+    engine: str = opt("auto", "Compute engine: auto (MLX on Metal and CPU, PyTorch on CUDA), mlx, or torch "
+                              "(the CUDA fallback; on the CPU too, e.g. to compare engines). See docs/backends.md.",
+                      choices=["auto", "mlx", "torch"])
+    memory_fraction: float = opt(0.8, "training.batch_size auto on a chip not in the batch table: the share of "
+                                      "device memory the batch-size probe may fill.", gt=0, max=1)
     num_devices: int = opt(1, "Devices for data-parallel training (see docs/distributed.md).", min=1)
     split: str = opt("0.65,0.35", "Several machines (mlx-dpo launch): each rank's share of every global batch, "
                                   "in hostfile order, e.g. 0.65,0.35; or auto (measured by probe steps).")
@@ -152,11 +160,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
-    engine: str = opt("auto", "Compute engine: auto (MLX on Metal and CPU, PyTorch on CUDA), mlx, or torch "
-                              "(the CUDA fallback; on the CPU too, e.g. to compare engines). See docs/backends.md.",
-                      choices=["auto", "mlx", "torch"])
-    memory_fraction: float = opt(0.8, "training.batch_size auto on a chip not in the batch table: the share of "
-                                      "device memory the batch-size probe may fill.", gt=0, max=1)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
