@@ -19,12 +19,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 POLICIES = ("drop", "majority", "keep-first")
-_IDENTICAL = "chosen is identical to rejected"  # records.py's reason for such a record
 
 
 def is_identical_pair(err) -> bool:
     """Whether a RecordError is records.py rejecting a pair whose chosen equals its rejected."""
-    return err.reason.startswith(_IDENTICAL)
+    return err.kind == "identical"
 
 
 @dataclass

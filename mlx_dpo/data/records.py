@@ -20,11 +20,12 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 class RecordError(UserError):
-    """A malformed record; `str()` reads `file:line: reason`."""
+    """A malformed record; `str()` reads `file:line: reason`. `kind` is one of
+    io, utf8, json, schema, empty, identical, for tools that treat some kinds differently."""
 
-    def __init__(self, path: str, line: int, reason: str):
+    def __init__(self, path: str, line: int, reason: str, kind: str = "schema"):
         super().__init__(f"{path}:{line}: {reason}")
-        self.path, self.line, self.reason = path, line, reason
+        self.path, self.line, self.reason, self.kind = path, line, reason, kind
 
 
 @dataclass
@@ -68,7 +69,7 @@ def iter_records(path: str | Path) -> Iterator[Union[Pair, RecordError]]:
     try:
         handle = open(path, "rb")
     except OSError as err:
-        raise RecordError(name, 0, f"cannot open: {err.strerror or err}") from None
+        raise RecordError(name, 0, f"cannot open: {err.strerror or err}", "io") from None
     with handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -83,11 +84,11 @@ def parse_record(raw: bytes, path: str = "<record>", line: int = 0) -> Pair:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise RecordError(path, line, f"not valid UTF-8 (byte {err.start})") from None
+        raise RecordError(path, line, f"not valid UTF-8 (byte {err.start})", "utf8") from None
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as err:
-        raise RecordError(path, line, f"not valid JSON: {str(err)[:120]}") from None
+        raise RecordError(path, line, f"not valid JSON: {str(err)[:120]}", "json") from None
     if not isinstance(obj, dict):
         raise RecordError(path, line, f"expected a JSON object, got {type(obj).__name__}")
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in obj]
@@ -97,12 +98,17 @@ def parse_record(raw: bytes, path: str = "<record>", line: int = 0) -> Pair:
     reason = _schema_problem(obj)
     if reason:
         raise RecordError(path, line, reason)
+    if not completion_text(obj["chosen"]).strip() or not completion_text(obj["rejected"]).strip():
+        raise RecordError(path, line, "empty completion: chosen and rejected must both hold text", "empty")
+    if obj["chosen"] == obj["rejected"]:
+        raise RecordError(path, line, "chosen is identical to rejected: the pair carries no preference",
+                          "identical")
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "chosen", "rejected")}
     return Pair(obj["prompt"], obj["chosen"], obj["rejected"], line, extra)
 
 
 def _schema_problem(obj: dict) -> str | None:
-    prompt, chosen, rejected = obj["prompt"], obj["chosen"], obj["rejected"]
+    prompt = obj["prompt"]
     if isinstance(prompt, str):
         for key in ("chosen", "rejected"):
             if not isinstance(obj[key], str):
@@ -118,10 +124,6 @@ def _schema_problem(obj: dict) -> str | None:
     for key in ("prompt", "chosen", "rejected"):
         if not _valid_unicode(obj[key]):
             return f"field {key!r} holds text that is not valid Unicode (a lone surrogate)"
-    if not completion_text(chosen).strip() or not completion_text(rejected).strip():
-        return "empty completion: chosen and rejected must both hold text"
-    if chosen == rejected:
-        return "chosen is identical to rejected: the pair carries no preference"
     return None
 
 
