@@ -147,3 +147,17 @@ def test_unusable_inputs_exit_2(tmp_path, tiny_model, pairs_file):
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{nope"])
     result = score(bad, "--model", tiny_model, "--out", tmp_path / "s.jsonl")
     assert result.exit_code == 2 and "bad.jsonl:1: not valid JSON" in result.output
+
+
+def test_full_finetune_folder_is_scored_against_the_separate_reference(tmp_path, tiny_model, pairs_file, make_config):
+    """A full fine-tune's folder replaces the weights: 'adapters off' would score it against itself."""
+    from mlx_dpo.run import run_training
+
+    cfg = make_config(**{"model.finetune": "full", "training.max_steps": 3, "training.learning_rate": 1e-2})
+    run_training(cfg, echo=lambda _: None, progress=False)
+    path, _ = pairs_file
+    out = tmp_path / "s.jsonl"
+    adapter = f"{cfg.logging.output_dir}/checkpoint-3"
+    result = score(path, "--model", tiny_model, "--adapter", adapter, "--reference", tiny_model, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert any(abs(r["reward_margin"]) > 1e-3 for r in read(out))

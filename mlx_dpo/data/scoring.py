@@ -62,7 +62,11 @@ def score_pairs(pairs_path, model: str, out, adapter: Optional[str] = None,
     data = read_pairs(pairs_path, on_bad)
     policy, tokenizer = load_scoring_model(model, adapter)
     same_model = reference is not None and Path(reference).resolve() == Path(model).resolve()
-    same_base = same_model and adapter is not None  # reference = this model with adapters off
+    # With LoRA adapters the reference is this model with adapters off; a full fine-tune's
+    # "adapter" folder replaces the weights, so its reference must be loaded on its own.
+    same_base = same_model and adapter is not None and _adapter_kind(adapter) != "full"
+    if same_model and adapter is not None and not same_base:
+        same_model = False
     ref_model = None
     if reference is not None and not same_model:
         ref_model, _ = load_scoring_model(reference)
@@ -97,6 +101,13 @@ def score_pairs(pairs_path, model: str, out, adapter: Optional[str] = None,
     return ScoreResult(str(out), len(rows), sum(e.truncated for e in encoded), data.bad,
                        sum(margins) / len(margins) if margins else None,
                        sum(m > 0 for m in margins) / len(margins) if margins else None)
+
+
+def _adapter_kind(folder: str) -> str:
+    import json
+
+    config = Path(folder) / "adapter_config.json"
+    return json.loads(config.read_text()).get("fine_tune_type", "lora") if config.exists() else "lora"
 
 
 def _row(pair, enc, logp_c: float, logp_r: float, ref, beta: float) -> dict:
