@@ -8,6 +8,8 @@ the other's run (adapters.safetensors, optimizer.safetensors with `<name>.m` / `
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import resource
@@ -46,6 +48,7 @@ class TorchEngine:
                                            weight_decay=o.weight_decay)
         self.loss = LOSSES[cfg.training.loss_type]
         self._autocast = cfg.compute.fp16 and self.device.type == "cuda" and cfg.model.finetune == "full"
+        self._cpu_blas = _openblas_threads() if self.device.type == "cpu" else None
 
     @property
     def ranks(self):
@@ -89,7 +92,27 @@ class TorchEngine:
         return as_t(batch.inputs, torch.long), as_t(batch.targets, torch.long), as_t(batch.mask, torch.float32)
 
     # -- engine interface -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _torch_threading(self):
+        """On the CPU, torch's matmuls resolve to the OpenBLAS that hardware.py preloads for MLX,
+        whose own thread pool then fights torch's OpenMP threads (steps measured ~3x slower on
+        2 cores). One OpenBLAS thread under torch's parallelism, for torch's calls only."""
+        if self._cpu_blas is None:
+            yield
+            return
+        get, set_ = self._cpu_blas
+        before = get()
+        set_(1)
+        try:
+            yield
+        finally:
+            set_(before)
+
     def forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
+        with self._torch_threading():
+            return self._forward_backward(batch, global_pairs)
+
+    def _forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         inputs, targets, mask = self._tensors(batch)
         ref_logps = self._logps(self._reference_logits(inputs), targets, mask)
         losses, cr, rr, logps = self._dpo_terms(self._logits(self.torch_models.policy, inputs), targets, mask, ref_logps)
@@ -97,6 +120,10 @@ class TorchEngine:
         return _sums(losses.detach(), cr.detach(), rr.detach(), logps.detach(), batch)
 
     def apply_update(self, learning_rate: float, skip: bool = False) -> tuple[float, bool]:
+        with self._torch_threading():
+            return self._apply_update(learning_rate, skip)
+
+    def _apply_update(self, learning_rate: float, skip: bool) -> tuple[float, bool]:
         params = [p for _, p in self.params]
         for p in params:  # MLX updates every trainable weight each step; so do we
             if p.grad is None:
@@ -121,6 +148,10 @@ class TorchEngine:
             self.optimizer.zero_grad(set_to_none=True)
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
+        with self._torch_threading():
+            return self._evaluate(batch)
+
+    def _evaluate(self, batch: Batch) -> dict[str, float]:
         inputs, targets, mask = self._tensors(batch)
         policy = self.torch_models.policy
         policy.eval()
@@ -199,6 +230,15 @@ class TorchEngine:
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def _openblas_threads():
+    """(get, set) of the process's OpenBLAS thread count, or None when none is loaded."""
+    try:
+        lib = ctypes.CDLL(None)
+        return lib.openblas_get_num_threads, lib.openblas_set_num_threads
+    except (AttributeError, OSError):
+        return None
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
