@@ -229,6 +229,24 @@ def test_rank0_listens_only_on_its_hostfile_address(tmp_path):
     server.thread.join(10)
 
 
+def test_an_mlx_ring_rank_listens_only_on_its_hostfile_address(tmp_path):
+    """MLX's own listener (what the ring binds while it forms), seen from outside."""
+    import subprocess
+
+    port = free_port()
+    env = {**os.environ, "MLX_HOSTFILE": str(write_ring(tmp_path, ["127.0.0.1"] * 2, port)), "MLX_RANK": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", "import mlx.core as mx; mx.distributed.init(strict=True, "
+                             "backend='ring')"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not listening_addresses(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def listening_addresses(port: int) -> set:
     """Local addresses with a TCP socket listening on `port` (Linux /proc/net/tcp)."""
     if not os.path.exists("/proc/net/tcp"):

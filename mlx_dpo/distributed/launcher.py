@@ -17,11 +17,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .hostfile import Host
 from .secret import SECRET_ENV, SECRET_FILE_ENV
+
+FAILED_GRACE = 10.0  # seconds
 
 
 @dataclass
@@ -69,10 +72,11 @@ def _remote_script(env: dict, ring: str, python: str, cwd: str, train_args: list
     lines += [f"export {k}={q(v)}" for k, v in env.items()]
     lines += ['MLX_HOSTFILE=$(mktemp) || exit 2', f"printf '%s' {q(ring)} > \"$MLX_HOSTFILE\"",
               "export MLX_HOSTFILE",
-              # stdin stays open while the launcher runs; its end means the launcher is gone
-              "( cat > /dev/null; kill -TERM $$ ) > /dev/null 2>&1 &",
-              f"exec {q(python)} -m mlx_dpo train {shlex.join(train_args)} < /dev/null"]
-    return "; ".join(lines)
+              # stdin stays open while the launcher runs; its end means the launcher is gone. (A
+              # background job's stdin is /dev/null unless given explicitly: hence fd 3.)
+              "exec 3<&0", "( cat <&3 > /dev/null; kill -TERM $$ ) > /dev/null 2>&1 &",
+              f"exec {q(python)} -m mlx_dpo train {shlex.join(train_args)} < /dev/null 3<&-"]
+    return "sh -c " + q("\n".join(lines))  # sh: whatever the remote login shell is
 
 
 def write_ring_file(addresses: list[list[str]]) -> str:
@@ -90,11 +94,11 @@ def run_ranks(commands: list[RankCommand], cwd: str, echo: Callable[[str], None]
     for t in relays:
         t.start()
     try:
-        codes = [p.wait() for p in procs]
+        codes = _wait_all(procs)
     except KeyboardInterrupt:  # the ranks got the same Ctrl-C: they save and stop; wait for them
         echo("launch: waiting for the ranks to stop (Ctrl-C again to kill them)")
         try:
-            codes = [p.wait() for p in procs]
+            codes = _wait_all(procs)
         except KeyboardInterrupt:
             for p in procs:
                 _stop(p)
@@ -108,6 +112,21 @@ def run_ranks(commands: list[RankCommand], cwd: str, echo: Callable[[str], None]
         if code != 0:
             echo(f"launch: rank {c.rank} ({c.host.ssh}) exited with code {code}")
     return next((_exit_code(code) for code in codes if code != 0), 0)
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
+    """Wait for every rank. Once one has failed, the others get FAILED_GRACE seconds to notice
+    (a rank still waiting for peers to join would otherwise wait out compute.join_timeout)."""
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > FAILED_GRACE:
+            for p in procs:
+                _stop(p)
+            failed_at = float("inf")  # signalled once
+        time.sleep(0.1)
+    return [p.returncode for p in procs]
 
 
 def _start(command: RankCommand, cwd: str) -> subprocess.Popen:
