@@ -100,16 +100,16 @@ def test_engines_agree_on_logps_losses_and_three_steps(make_config, finetune):
         sm, st = m.forward_backward(batch, 4), t.forward_backward(batch, 4)
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "logps/rejected"):
-            assert close(sm[key], st[key], 1e-5), (step, key, sm[key], st[key])
+            assert close(sm[key], st[key], 1e-4), (step, key, sm[key], st[key])
         lr = learning_rate_at(step, cfg)
         (nm, ok_m), (nt, ok_t) = m.apply_update(lr), t.apply_update(lr)
-        assert ok_m and ok_t and close(nm, nt, 1e-5) and nm > cfg.optimization.max_grad_norm  # clipped
+        assert ok_m and ok_t and close(nm, nt, 1e-4) and nm > cfg.optimization.max_grad_norm  # clipped
     assert max_diff(mlx_weights(m), start) > 1e-3  # the three steps moved the weights
     assert max_diff(mlx_weights(m), t.trainable_arrays()) < 1e-4
     em, et = m.evaluate(data[3]), t.evaluate(data[3])
     assert em.keys() == et.keys() and em["kl_sum"] > 0
     for key in em:
-        assert close(em[key], et[key], 1e-5), (key, em[key], et[key])
+        assert close(em[key], et[key], 1e-4), (key, em[key], et[key])
 
 
 def test_checkpoints_move_between_engines(make_config, tmp_path):
