@@ -31,7 +31,8 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
     if cluster is not None:
         ranks, echo = cluster.ranks, cluster.quiet(echo)
     out = Path(cfg.logging.output_dir)
-    _check_output_dir(out, resume, overwrite, ranks.rank == 0)
+    # torchrun's rank is known before the engine exists: only rank 0 may delete a folder
+    _check_output_dir(out, resume, overwrite, ranks.rank == 0 and os.environ.get("RANK", "0") == "0")
     device = select_device(cfg)
     engine = engine or make_engine(cfg, device)
     if cluster is not None:
