@@ -349,3 +349,24 @@ def test_launch_rejects_bad_input_with_exit_code_2(tmp_path, make_config):
     assert result.exit_code == 2 and "training.beta" in result.output
     result = runner.invoke(main, ["launch", "--hostfile", str(hosts), "--dry-run", str(cfg)])
     assert result.exit_code == 0 and "<secret>" in result.output and result.output.count("-m mlx_dpo train") == 2
+
+
+# -- the gradient exchange ---------------------------------------------------------------------
+def test_exchange_buckets_keep_every_tensor_in_place():
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_dpo.distributed.exchange import _buckets, sum_over_ranks
+
+    grads = {"a": mx.arange(6, dtype=mx.float32).reshape(2, 3),
+             "layers": [{"w": mx.ones((4,)), "h": mx.full((2, 2), 0.5, dtype=mx.float16)},
+                        {"w": mx.arange(5, dtype=mx.float32)}]}
+    flat = tree_flatten(grads)
+    buckets = _buckets(flat, bucket_bytes=20)  # closes after 20 bytes, and at every dtype change
+    assert [[n for n, _ in b] for b in buckets] == [["a"], ["layers.0.w"], ["layers.0.h"], ["layers.1.w"]]
+    assert len(_buckets(flat, bucket_bytes=2**20)) == 3  # one per run of equal dtype
+    group = mx.distributed.init()  # one process: the sum is the tree itself
+    out = dict(tree_flatten(sum_over_ranks(grads, group, bucket_bytes=20)))
+    for name, g in flat:
+        assert out[name].dtype == g.dtype and out[name].shape == g.shape
+        assert mx.array_equal(out[name], g)

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import Config
 from ..data.batching import Batch
+from ..distributed.exchange import sum_over_ranks
 from ..logprobs import sequence_logps, token_kl
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
@@ -82,8 +83,8 @@ class MLXEngine:
         grads, self._grads = self._grads, None
         if skip:
             return float("nan"), False
-        if self.group is not None:
-            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads)
+        if self.group is not None:  # few large all-sums, not one per tensor (distributed/exchange.py)
+            grads = sum_over_ranks(grads, self.group)
         self.optimizer.learning_rate = mx.array(learning_rate, dtype=mx.float32)
         # One evaluation for norm, clip and step: a non-finite norm is refused inside the graph.
         norm, ok = guarded_update(self.optimizer, self.models.policy, grads,
