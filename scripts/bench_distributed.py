@@ -9,9 +9,9 @@ with random weights. For each model and fine-tuning mode (LoRA, full), every ran
 
   step       forward+backward, gradient exchange and update, as the trainer runs a step
   exchange   the all-sum of the gradients alone, started after a barrier (so waiting for
-             the slower rank is not counted), as the engine issues it: concatenated into
-             32 MiB buckets (distributed/exchange.py); and, for comparison, one all_sum per
-             tensor (what the engine did before)
+             the slower rank is not counted), as the engine issues it (distributed/exchange.py:
+             tensors under 1 MiB packed into shared buffers, larger ones alone); and, for
+             comparison, one all_sum per tensor. The two alternate which goes first.
   share      median exchange / median step
 
 Both ranks share this machine's cores (one BLAS thread each); on two Macs each rank has its
@@ -90,13 +90,15 @@ def worker(spec: dict) -> None:
         barrier()
         step = timed(lambda: engine.forward_backward(batch, GLOBAL_PAIRS))
         grads = engine._grads  # the accumulated gradients the update is about to exchange
-        barrier()
-        exchange = timed(lambda: mx.eval(sum_over_ranks(grads, group)))
-        barrier()
-        per_tensor = timed(lambda: mx.eval(tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads)))
+        variants = {"exchange": lambda: mx.eval(sum_over_ranks(grads, group)),
+                    "per_tensor": lambda: mx.eval(tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads))}
+        times = {}
+        for name in sorted(variants, reverse=i % 2 == 1):  # alternate which goes first
+            barrier()
+            times[name] = timed(variants[name])
         step += timed(lambda: engine.apply_update(1e-5))
         if i >= spec["warmup"]:
-            rows.append({"step": step, "exchange": exchange, "per_tensor": per_tensor})
+            rows.append({"step": step, **times})
     if group.rank() == 0:
         trainable = sum(v.size for _, v in tree_flatten(engine.models.policy.trainable_parameters()))
         total = sum(v.size for _, v in tree_flatten(engine.models.policy.parameters()))

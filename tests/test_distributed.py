@@ -204,20 +204,21 @@ def test_link_refuses_a_rank_with_other_settings(tmp_path):
     assert "training.beta: 0.1 here, 0.2 there" in str(server.result)
 
 
-def test_link_reports_a_peer_that_ends_but_not_one_that_says_bye(tmp_path):
-    for clean in (True, False):
+def test_link_reports_a_peer_that_ends_or_fails_but_not_one_that_says_bye(tmp_path):
+    expected = {"bye": [], "died": [(1, "ended (its connection closed)")], "failed": [(1, "stopped: out of memory")]}
+    for how, report in expected.items():
         port = free_port()
         server = Rank0(layout(tmp_path, 0, port=port))
         peer = open_link(layout(tmp_path, 1, port=port), SECRET, {"k": "v"}, 5, print)
         server.thread.join(10)
         gone = []
         server.result.watch(lambda rank, why: gone.append((rank, why)))
-        if clean:
-            peer.close()
-        else:
+        if how == "died":
             peer.channels[0].sock.close()  # what the kernel does when the process dies
+        else:
+            peer.close(error="out of memory" if how == "failed" else None)
         time.sleep(0.5)
-        assert gone == ([] if clean else [(1, "ended (its connection closed)")])
+        assert gone == report, how
         server.result.close()
 
 
@@ -362,11 +363,13 @@ def test_exchange_buckets_keep_every_tensor_in_place():
              "layers": [{"w": mx.ones((4,)), "h": mx.full((2, 2), 0.5, dtype=mx.float16)},
                         {"w": mx.arange(5, dtype=mx.float32)}]}
     flat = tree_flatten(grads)
-    buckets = _buckets(flat, bucket_bytes=20)  # closes after 20 bytes, and at every dtype change
+    # 24-byte "a" goes alone; w (16 B) and the float16 h (8 B) cannot share; w (20 B) fits no more
+    buckets = _buckets(flat, bucket_bytes=24)
     assert [[n for n, _ in b] for b in buckets] == [["a"], ["layers.0.w"], ["layers.0.h"], ["layers.1.w"]]
-    assert len(_buckets(flat, bucket_bytes=2**20)) == 3  # one per run of equal dtype
+    packed = _buckets(flat, bucket_bytes=2**20)  # small tensors packed, a new buffer at each dtype change
+    assert [[n for n, _ in b] for b in packed] == [["a", "layers.0.w"], ["layers.0.h"], ["layers.1.w"]]
     group = mx.distributed.init()  # one process: the sum is the tree itself
-    out = dict(tree_flatten(sum_over_ranks(grads, group, bucket_bytes=20)))
+    out = dict(tree_flatten(sum_over_ranks(grads, group, bucket_bytes=2**20)))
     for name, g in flat:
         assert out[name].dtype == g.dtype and out[name].shape == g.shape
         assert mx.array_equal(out[name], g)

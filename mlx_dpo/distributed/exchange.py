@@ -1,14 +1,15 @@
-"""The gradient exchange: every rank's gradients summed, in few large messages.
+"""The gradient exchange: every rank's gradients summed, in as few messages as pays off.
 
-MLX's ring pays a fixed latency per collective (milliseconds on loopback), so one all_sum
-per tensor costs more than the bytes: 20 tensors of the tiny model's full fine-tune took
-~280 ms that way and ~16 ms in one buffer (scripts/bench_distributed.py). This is the
-concatenate-reduce-split of mlx.nn.average_gradients, minus its division: each rank's loss
-is already scaled by 1/global_pairs, so the plain sum is the example-weighted average.
+MLX's ring pays a fixed cost per collective, so small tensors (LoRA matrices, norms,
+biases) are packed into shared buffers, the concatenate-reduce-split of
+mlx.nn.average_gradients minus its division: each rank's loss is already scaled by
+1/global_pairs, so the plain sum is the example-weighted average. Tensors of a bucket's size
+or more go alone and uncopied: in a full fine-tune, copying them into buffers cost more than
+the messages it saved (scripts/bench_distributed.py, docs/benchmarks.md).
 """
 from __future__ import annotations
 
-BUCKET_BYTES = 32 * 2**20  # mlx.nn.average_gradients' default grouping
+BUCKET_BYTES = 2**20
 
 
 def sum_over_ranks(grads, group, bucket_bytes: int = BUCKET_BYTES):
@@ -16,11 +17,12 @@ def sum_over_ranks(grads, group, bucket_bytes: int = BUCKET_BYTES):
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    flat = tree_flatten(grads)
     out = []
-    for bucket in _buckets(flat, bucket_bytes):
-        joined = mx.concatenate([g.reshape(-1) for _, g in bucket])
-        summed = mx.distributed.all_sum(joined, group=group)
+    for bucket in _buckets(tree_flatten(grads), bucket_bytes):
+        if len(bucket) == 1:
+            out.append((bucket[0][0], mx.distributed.all_sum(bucket[0][1], group=group)))
+            continue
+        summed = mx.distributed.all_sum(mx.concatenate([g.reshape(-1) for _, g in bucket]), group=group)
         offset = 0
         for name, g in bucket:
             out.append((name, summed[offset:offset + g.size].reshape(g.shape)))
@@ -29,10 +31,14 @@ def sum_over_ranks(grads, group, bucket_bytes: int = BUCKET_BYTES):
 
 
 def _buckets(flat: list, bucket_bytes: int) -> list[list]:
-    """Consecutive tensors of one dtype, each bucket closed once it reaches bucket_bytes."""
+    """Messages in a fixed order (the same on every rank): a tensor of at least bucket_bytes
+    alone; smaller ones of one dtype packed together up to bucket_bytes."""
     buckets, current, size = [], [], 0
     for name, g in flat:
-        if current and (g.dtype != current[0][1].dtype or size >= bucket_bytes):
+        if g.nbytes >= bucket_bytes:
+            buckets.append([(name, g)])
+            continue
+        if current and (g.dtype != current[0][1].dtype or size + g.nbytes > bucket_bytes):
             buckets.append(current)
             current, size = [], 0
         current.append((name, g))
