@@ -57,12 +57,11 @@ def parse_args():
 def worker(spec: dict) -> None:
     import mlx_dpo  # noqa: F401  (runtime preparation before mlx loads)
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_map
+    from mlx.utils import tree_flatten
 
     from mlx_dpo.config import config_from_dict
     from mlx_dpo.data.batching import collate, shard
     from mlx_dpo.data.pipeline import prepare_data
-    from mlx_dpo.distributed.exchange import sum_over_ranks
     from mlx_dpo.engines.mlx_engine import MLXEngine
 
     group = mx.distributed.init(strict=True, backend="ring")
@@ -76,6 +75,22 @@ def worker(spec: dict) -> None:
     pairs = prepare_data(cfg, engine.tokenizer).train.pairs
     mine = shard(list(range(GLOBAL_PAIRS)), SPLIT, group.rank())
     batch = collate([pairs[i] for i in mine], engine.tokenizer.eos_token_id or 0)
+    rows, tensors = measure_steps(engine, batch, group, spec["warmup"], spec["repeats"])
+    if group.rank() == 0:
+        trainable = sum(v.size for _, v in tree_flatten(engine.models.policy.trainable_parameters()))
+        total = sum(v.size for _, v in tree_flatten(engine.models.policy.parameters()))
+        if spec["finetune"] == "lora":
+            total -= trainable
+        print(json.dumps({"rows": rows, "trainable": trainable, "params": total, "pairs": len(mine),
+                          "tensors": tensors}), flush=True)
+
+
+def measure_steps(engine, batch, group, warmup: int, repeats: int) -> tuple[list[dict], int]:
+    """Per timed step: the step, the engine's exchange, and one all_sum per tensor (seconds)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
+    from mlx_dpo.distributed.exchange import sum_over_ranks
 
     def barrier():
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
@@ -86,7 +101,7 @@ def worker(spec: dict) -> None:
         return time.perf_counter() - start
 
     rows = []
-    for i in range(spec["warmup"] + spec["repeats"]):
+    for i in range(warmup + repeats):
         barrier()
         step = timed(lambda: engine.forward_backward(batch, GLOBAL_PAIRS))
         grads = engine._grads  # the accumulated gradients the update is about to exchange
@@ -97,15 +112,9 @@ def worker(spec: dict) -> None:
             barrier()
             times[name] = timed(variants[name])
         step += timed(lambda: engine.apply_update(1e-5))
-        if i >= spec["warmup"]:
+        if i >= warmup:
             rows.append({"step": step, **times})
-    if group.rank() == 0:
-        trainable = sum(v.size for _, v in tree_flatten(engine.models.policy.trainable_parameters()))
-        total = sum(v.size for _, v in tree_flatten(engine.models.policy.parameters()))
-        if spec["finetune"] == "lora":
-            total -= trainable
-        print(json.dumps({"rows": rows, "trainable": trainable, "params": total, "pairs": len(mine),
-                          "tensors": len(tree_flatten(grads))}), flush=True)
+    return rows, len(tree_flatten(grads))
 
 
 # -- the orchestrator -------------------------------------------------------------------------
@@ -168,7 +177,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} ({r['params'] / 1e6:.2f}M) | {r['finetune']} | {r['trainable'] / 1e6:.3f}M "
-                     f"({r['grad_mb']:.2f} MiB, {r['tensors']} tensors) | {r['step_min']:.1f} / {r['step_median']:.1f} | "
+                     f"({r['grad_mb']:.2f} MiB, {r['tensors']} tensors) | "
+                     f"{r['step_min']:.1f} / {r['step_median']:.1f} | "
                      f"{r['exchange_min']:.2f} / {r['exchange_median']:.2f} | {100 * r['share']:.1f}% | "
                      f"{r['per_tensor_min']:.2f} / {r['per_tensor_median']:.2f} | {100 * r['share_per_tensor']:.1f}% |")
     return "\n".join(lines)

@@ -181,7 +181,7 @@ def test_split_auto_full_finetune_slowed_rank_equals_one_process(make_config, tm
         time.sleep(0.01)
     slow.send_signal(signal.SIGCONT)
     assert ranks.wait() == [0, 0], ranks.log(0)[-3000:] + ranks.log(1)[-3000:]
-    line = next(l for l in ranks.log(0).splitlines() if "compute.split auto:" in l)
+    line = next(x for x in ranks.log(0).splitlines() if "compute.split auto:" in x)
     shares = [float(x) for x in line.rsplit("split ", 1)[1].split(",")]
     assert shares[0] >= 0.6 > shares[1], line
 
@@ -243,7 +243,7 @@ def test_frozen_peer_is_stopped_by_the_watchdog(make_config, tmp_path, ranks_cle
     code = ranks.procs[0].wait(timeout=60)
     assert time.monotonic() - frozen <= 2.0 + 8
     assert code == 1
-    message = next(l for l in ranks.log(0).splitlines() if l.startswith("error:"))
+    message = next(x for x in ranks.log(0).splitlines() if x.startswith("error:"))
     steps = [r["step"] for r in metric_rows(out) if "loss" in r]
     assert message.startswith(f"error: peer stalled at step {steps[-1] + 1}: rank 1 (127.0.0.1) sent nothing "
                               "for 2 s (compute.peer_timeout)"), message

@@ -10,6 +10,7 @@ Only rank 0 listens, on its hostfile address; the others connect from theirs.
 """
 from __future__ import annotations
 
+import errno
 import json
 import secrets as _secrets
 import socket
@@ -217,11 +218,13 @@ def _connect(target: tuple[str, int], source_ip: str, timeout: float) -> socket.
         try:
             return socket.create_connection(target, timeout=HANDSHAKE_SECONDS, source_address=(source_ip, 0))
         except OSError as err:
-            if err.errno == 99 or "assign requested address" in str(err):  # EADDRNOTAVAIL
-                raise UserError(f"this machine has no address {source_ip}, which the hostfile gives this rank") from None
+            if err.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"this machine has no address {source_ip}, which the hostfile gives "
+                                "this rank") from None
             if time.monotonic() > deadline:
                 raise UserError(f"rank 0 did not answer at {target[0]}:{target[1]} within {timeout:g} s "
-                                f"(compute.join_timeout): {err}. Is rank 0 started, and the address reachable?") from None
+                                f"(compute.join_timeout): {err}. Is rank 0 started, and the address "
+                                "reachable?") from None
             time.sleep(0.2)
 
 
