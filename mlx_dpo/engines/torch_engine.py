@@ -47,7 +47,7 @@ class TorchEngine:
                                            betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
                                            weight_decay=o.weight_decay)
         self.loss = LOSSES[cfg.training.loss_type]
-        self._autocast = cfg.compute.fp16 and self.device.type == "cuda" and cfg.model.finetune == "full"
+        self._autocast = self.torch_models.autocast
         self._cpu_blas = _openblas_threads() if self.device.type == "cpu" else None
 
     @property
@@ -115,7 +115,8 @@ class TorchEngine:
     def _forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         inputs, targets, mask = self._tensors(batch)
         ref_logps = self._logps(self._reference_logits(inputs), targets, mask)
-        losses, cr, rr, logps = self._dpo_terms(self._logits(self.torch_models.policy, inputs), targets, mask, ref_logps)
+        logits = self._logits(self.torch_models.policy, inputs)
+        losses, cr, rr, logps = self._dpo_terms(logits, targets, mask, ref_logps)
         (losses.sum() / global_pairs).backward()  # .grad accumulates over micro-batches
         return _sums(losses.detach(), cr.detach(), rr.detach(), logps.detach(), batch)
 

@@ -39,7 +39,9 @@ class LoRALinear(nn.Module):
         y = self.linear(x)
         if self.scale == 0.0:  # adapters disabled: the reference model, exactly
             return y
-        z = (self.dropout(x).to(self.lora_a.dtype) @ self.lora_a) @ self.lora_b
+        if self.dropout.p > 0:
+            x = self.dropout(x)
+        z = (x.to(self.lora_a.dtype) @ self.lora_a) @ self.lora_b
         return y + (self.scale * z).to(y.dtype)
 
 
@@ -50,6 +52,7 @@ class TorchModels:
     tokenizer: object
     adapter_config: dict  # the same adapter_config.json the MLX engine writes
     notes: list[str]
+    autocast: bool = False  # full fine-tuning under bfloat16 autocast (compute.fp16 on CUDA)
 
 
 def load_torch_models(cfg: Config, device: torch.device) -> TorchModels:
@@ -59,9 +62,8 @@ def load_torch_models(cfg: Config, device: torch.device) -> TorchModels:
     half = _half_dtype(cfg, device)
     policy = _load(cfg.policy_path, cfg, device, half if cfg.model.finetune == "lora" else None)
     tokenizer = load_tokenizer(cfg.policy_path, cfg.model.trust_remote_code)
-    notes = [f"precision: {'float32' if half is None else str(half).replace('torch.', '')} "
-             f"{'base weights, float32 adapters' if half and cfg.model.finetune == 'lora' else 'weights'}"
-             + (" + bfloat16 autocast" if half and cfg.model.finetune == "full" else "")]
+    autocast = cfg.model.finetune == "full" and half == torch.bfloat16
+    notes = [_precision_note(half, cfg.model.finetune, autocast)]
     reference = None
     if cfg.model.finetune == "full" or cfg.reference_path != cfg.policy_path:
         reference = _load(cfg.reference_path, cfg, device, half)
@@ -77,7 +79,17 @@ def load_torch_models(cfg: Config, device: torch.device) -> TorchModels:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     notes.append(f"gradient checkpointing: {'on' if cfg.compute.gradient_checkpointing else 'off'}")
     policy.train()
-    return TorchModels(policy, reference, tokenizer, adapter_config, notes)
+    return TorchModels(policy, reference, tokenizer, adapter_config, notes, autocast)
+
+
+def _precision_note(half: Optional[torch.dtype], finetune: str, autocast: bool) -> str:
+    if half is None:
+        return "precision: float32"
+    if finetune == "lora":
+        return f"precision: {str(half).replace('torch.', '')} base weights, float32 adapters"
+    if autocast:
+        return "precision: float32 weights and optimizer state, bfloat16 autocast"
+    return "precision: float32 (compute.fp16 ignored: no bfloat16 on this GPU, and float16 needs loss scaling)"
 
 
 def _half_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
