@@ -41,11 +41,12 @@ def launch(config, hostfile, split, port, secret_file, python, cwd, overrides, r
     """
     from .train import load_train_config
     from ..distributed.hostfile import read_hostfile, ring_addresses
-    from ..distributed.launcher import plan, run_ranks, write_ring_file
+    from ..distributed.launcher import check_tools, plan, run_ranks, write_ring_file
     from ..distributed.secret import SECRET_ENV, SECRET_FILE_ENV, new_secret
     from ..distributed.split import parse_split
 
     hosts, _ = read_hostfile(hostfile)
+    check_tools(hosts, python)
     if split is not None:
         parse_split(split, len(hosts), "--split")
     args = [*overrides, f"compute.num_devices={len(hosts)}", *([f"compute.split={split}"] if split else [])]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ..errors import UserError
 from .hostfile import Host
 from .secret import SECRET_ENV, SECRET_FILE_ENV
 
@@ -77,6 +79,15 @@ def _remote_script(env: dict, ring: str, python: str, cwd: str, train_args: list
               "exec 3<&0", "( cat <&3 > /dev/null; kill -TERM $$ ) > /dev/null 2>&1 &",
               f"exec {q(python)} -m mlx_dpo train {shlex.join(train_args)} < /dev/null 3<&-"]
     return "sh -c " + q("\n".join(lines))  # sh: whatever the remote login shell is
+
+
+def check_tools(hosts: list[Host], python: str) -> None:
+    """Fail before starting anything when a rank could not even be started."""
+    remote = [h.ssh for h in hosts if not h.is_local]
+    if remote and shutil.which("ssh") is None:
+        raise UserError(f"ssh is not on PATH, and hosts {', '.join(remote)} are reached with ssh")
+    if any(h.is_local for h in hosts) and shutil.which(python) is None:
+        raise UserError(f"--python {python}: no such executable here")
 
 
 def write_ring_file(addresses: list[list[str]]) -> str:
