@@ -72,6 +72,8 @@ def probe_batch_size(engine, prompt_len: int, response_len: int, budget_gb: floa
                      echo: Callable[[str], None] = print, max_batch: int = MAX_PROBE_BATCH) -> tuple[int, float]:
     """The largest batch (pairs) whose training step peaks within budget_gb: (size, its peak)."""
     measured: dict[int, float] = {}
+    # One unmeasured pass first: one-time allocations (kernels, caches) are not per-pair memory.
+    _trial(engine, 1, prompt_len, response_len)
     size = 1
     while size <= max_batch and _predict(measured, size) <= budget_gb:
         peak = _trial(engine, size, prompt_len, response_len)
