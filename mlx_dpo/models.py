@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import Config
+from .engines.base import scales_zeroed
 from .errors import UserError
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -123,15 +124,8 @@ def lora_modules(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """Run the model as its own reference: LoRA branches contribute nothing inside."""
-    layers = lora_modules(model)
-    scales = [m.scale for m in layers]
-    for m in layers:
-        m.scale = 0.0
-    try:
+    with scales_zeroed(lora_modules(model)):
         yield model
-    finally:
-        for m, s in zip(layers, scales):
-            m.scale = s
 
 
 def reference_forward(models: Models, inputs: mx.array) -> mx.array:

@@ -5,8 +5,9 @@ over micro-batches and ranks and divides by the pair count, so every average is 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 
@@ -50,3 +51,18 @@ class Engine(Protocol):
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray: ...
 
     def peak_memory_gb(self) -> float: ...
+
+
+@contextlib.contextmanager
+def scales_zeroed(lora_layers: Iterable):
+    """Inside, every LoRA branch contributes nothing (scale 0): the policy acts as its own
+    reference. Works for both engines' LoRA layers, which keep `scale` as a plain float."""
+    layers = list(lora_layers)
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, scales):
+            m.scale = s

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import UserError
+from .base import scales_zeroed
 
 
 class LoRALinear(nn.Module):
@@ -167,15 +168,8 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """The policy as its own reference: every LoRA branch contributes nothing inside."""
-    layers = lora_layers(model)
-    scales = [m.scale for m in layers]
-    for m in layers:
-        m.scale = 0.0
-    try:
+    with scales_zeroed(lora_layers(model)):
         yield model
-    finally:
-        for m, s in zip(layers, scales):
-            m.scale = s
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
