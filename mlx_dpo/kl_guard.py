@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from . import checkpoint
 from .best_checkpoint import BestTracker, read_best, within_kl
 from .errors import TrainingStopped
@@ -71,25 +73,28 @@ class KLGuard:
 
     # -- actions --------------------------------------------------------------------------
     def _rollback(self, trainer, what: str) -> None:
-        # Every rank reads the record from disk: only the main rank tracks it in memory.
+        # Only the main rank tracks the record in memory, and on a second machine the other
+        # ranks have no best.json at all: the main rank's record decides for every rank, so
+        # they roll back (or stop) together.
         best = read_best(trainer.out)
-        if best is None:
+        if not _main_rank_says(trainer, best is not None):
             raise TrainingStopped(f"{what}: no checkpoint within the target to roll back to; stopped.")
         if self.rollbacks >= self.max_rollbacks:
             raise TrainingStopped(f"{what} after {self.rollbacks} rollback(s) (constraints.max_rollbacks): "
                                   f"stopped. {self._best_line(trainer)}")
-        folder = trainer.out / best["checkpoint"]
-        trainer.engine.load_state(folder)
+        trainer.restore(trainer.out / best["checkpoint"] if best else None)
+        self.rollbacks += 1
+        if best is None:  # a rank without the record: it has just taken rank 0's state
+            return
         # The restored weights carry their own evaluation: the next checkpoint must say so.
         trainer.state.last_eval = dict(best["metrics"])
-        self.rollbacks += 1
         self.echo(f"rollback {self.rollbacks}/{self.max_rollbacks}: {what}; restored {best['checkpoint']} "
                   f"(KL {best['kl']:.4g}) and continuing from step {trainer.state.step}")
 
     def _best_line(self, trainer) -> str:
         best = read_best(trainer.out)
         if best is None:
-            return "No checkpoint within the target was saved."
+            return "No checkpoint within the target was saved." if trainer.is_main else "Rank 0 keeps the checkpoints."
         return f"Best checkpoint within the target: {trainer.out / best['checkpoint']} (see best.json)."
 
     def summary(self, final_eval: dict) -> dict:
@@ -113,3 +118,9 @@ class KLGuard:
         if s["best_checkpoint"]:
             lines.append(f"best checkpoint within kl_target: {s['best_checkpoint']} (best.json)")
         return lines
+
+
+def _main_rank_says(trainer, yes: bool) -> bool:
+    """The main rank's answer on every rank (a sum where the others add 0; alone, `yes`)."""
+    flag = np.array([1.0 if yes and trainer.is_main else 0.0])
+    return bool(trainer.engine.all_reduce_sum(flag)[0] > 0.5)

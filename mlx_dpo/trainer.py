@@ -65,6 +65,10 @@ class Trainer:
         self.after_evaluate: list[Callable] = []
         self.after_save: list[Callable] = []
         self.protected: set[str] = set()
+        # Mid-run restore of a checkpoint (kl_guard's rollback): alone, or with every rank on
+        # one disk, each rank loads it; on several machines distributed/cluster.py swaps in
+        # "rank 0 loads, the others take its state" (only rank 0 has checkpoints there).
+        self.restore: Callable[[Optional[Path]], None] = self._restore_from_disk
 
     # -- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
@@ -200,6 +204,12 @@ class Trainer:
         self.state = RunState(**{k: saved[k] for k in asdict(RunState()) if k in saved})
         self._truncate_metrics_after(self.state.step)
         return folder
+
+    def _restore_from_disk(self, folder: Optional[Path]) -> None:
+        if folder is None:  # rank 0 found a checkpoint that this rank cannot see
+            raise TrainingStopped(f"rank {self.ranks.rank}: no checkpoint in {self.out} to restore; "
+                                  "every rank needs logging.output_dir on a shared disk")
+        self.engine.load_state(folder)
 
     def _truncate_metrics_after(self, step: int) -> None:
         """Rows logged after the checkpoint belong to the abandoned run: drop them."""

@@ -130,6 +130,7 @@ class Cluster:
         engine = trainer.engine
         watchdog = Watchdog(self.cfg.compute.peer_timeout, self._peers(), lambda: self._resume_hint(trainer))
         trainer.engine = WatchedEngine(engine, watchdog, lambda: trainer.state.step + 1)
+        restore, trainer.restore = trainer.restore, lambda folder: self._restore(engine, watchdog, trainer, folder)
         self.link.watch(lambda rank, why: self._peer_gone(rank, why, trainer))
         error = None
         try:
@@ -150,7 +151,15 @@ class Cluster:
             self._done = True
             watchdog.stop()
             self.link.close(error)
-            trainer.engine = engine
+            trainer.engine, trainer.restore = engine, restore
+
+    def _restore(self, engine, watchdog: Watchdog, trainer, folder: Optional[Path]) -> None:
+        """A rollback (kl_guard.py): only rank 0 has the checkpoint on its disk, so it loads it and
+        every rank takes its weights, optimizer state and RunState, as at the start."""
+        if self.rank == 0:
+            engine.load_state(folder)
+        with watchdog.waiting(trainer.state.step):
+            sync_from_rank0(engine, trainer.state, self.group, self.rank)
 
     def _split(self, trainer, echo) -> Ranks:
         if self.shares is None:
