@@ -314,7 +314,7 @@ def _resolve_paths(cfg: Config, base_dir: Optional[Path]) -> None:
             return p
         candidate = base / p
         # A model string that is not a local folder is a Hugging Face repo id: keep it.
-        return str(candidate) if (candidate.exists() or base_dir) else p
+        return str(candidate) if candidate.exists() else p
 
     for key in ("train_file", "validation_file"):
         value = getattr(cfg.data, key)

@@ -73,7 +73,8 @@ def _load(path: str, trust_remote_code: bool):
         model, tokenizer, config = load(path, return_config=True,
                                         tokenizer_config={"trust_remote_code": trust_remote_code})
     except FileNotFoundError as err:
-        raise UserError(f"model {path!r}: {err}") from None
+        where = "" if Path(path).exists() else "not a local folder, and the Hugging Face Hub could not provide it: "
+        raise UserError(f"model {path!r}: {where}{err}") from None
     except ValueError as err:
         raise UserError(f"model {path!r} cannot be loaded by mlx-lm: {err}") from None
     except Exception as err:  # hub errors: offline, unknown repo, gated model

@@ -11,7 +11,7 @@ from typing import Callable
 from . import checkpoint
 from .autotune import resolve_batch_size
 from .config import Config, check_files
-from .data.pipeline import prepare_data
+from .data.pipeline import prepare_data, read_data
 from .distributed import join_cluster
 from .engines import make_engine, select_device
 from .errors import UserError
@@ -27,6 +27,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
                  ranks: Ranks = Ranks(), engine=None) -> dict:
     """Train as the config says; returns the summary (also printed)."""
     check_files(cfg)
+    raw = read_data(cfg)  # a bad record stops the run before any model loads
     cluster = join_cluster(cfg, echo)  # None alone; else the MLX ring (docs/distributed.md)
     if cluster is not None:
         ranks, echo = cluster.ranks, cluster.quiet(echo)
@@ -44,7 +45,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
         echo(f"training.batch_size auto: {batch_size} pairs, from {source}")
     for line in _runtime_lines(device, engine, batch_size):
         echo(line)
-    data = prepare_data(cfg, engine.tokenizer)
+    data = prepare_data(cfg, engine.tokenizer, raw)
     for line in data.messages:
         echo(line)
     precompute_reference(cfg, engine, data.train, batch_size, echo)  # training.precompute_reference

@@ -205,3 +205,13 @@ def test_fp16_request_on_cpu_trains_in_fp32_and_says_so(make_config):
     engine = MLXEngine(make_config(**{"compute.fp16": True}))
     assert "precision: float32 (compute.fp16 ignored: no half-precision speed-up on CPU)" in engine.notes
     assert all(v.dtype == mx.float32 for _, v in tree_flatten(engine.models.policy.parameters()))
+
+
+def test_bad_record_is_reported_before_any_model_loads(make_config, tmp_path):
+    from mlx_dpo.data.records import RecordError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 1}\n')
+    cfg = make_config(**{"data.train_file": str(bad), "model.base_model": str(tmp_path / "no-such-model")})
+    with pytest.raises(RecordError, match=r"bad.jsonl:2: missing field\(s\) rejected"):
+        run_training(cfg, echo=quiet, progress=False)
