@@ -161,8 +161,10 @@ def main() -> None:
     print(f"fp32 matmul peak (MLX, 2048^3): {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
     rows = args.runners.split(",") + (["mlx-dpo-lora/plain", "mlx-dpo-lora/no-share", "mlx-dpo-lora/no-compile",
                                        "mlx-dpo-lora/live-ref"] if args.ablation else [])
-    results["rows"] = bench_rows(rows, args, work, model, config)
-    results["matmul_peak_gflops_after"] = matmul_peak_gflops()
+    results["rows"], peaks = bench_rows(rows, args, work, model, config)
+    results["matmul_peaks"] = [results["matmul_peak_gflops"], *peaks]
+    # Utilisation against the best rate MLX showed in this run: the fairest ceiling on a busy machine.
+    results["matmul_peak_gflops"] = max(results["matmul_peaks"])
     if args.scale:
         results["scale"] = bench_scale(args, work, model, config)
     (work / "results.json").write_text(json.dumps(results, indent=2))
@@ -184,10 +186,12 @@ def _base_spec(args, work: Path, model: Path, seq: int, batch: int) -> dict:
 def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> list[dict]:
     base = _base_spec(args, work, model, args.seq, args.batch)
     runs: dict = {name: [] for name in rows}
+    peaks = []
     for rnd in range(args.rounds):
         for name in rows:
             print(f"round {rnd + 1}/{args.rounds}: {name}", flush=True)
             runs[name].append(run_row(name, base))
+        peaks.append(matmul_peak_gflops())  # the ceiling moves with the machine's load: sample it often
     prompt, completion = args.seq * 3 // 8, args.seq // 2
     out = []
     for name in rows:
@@ -196,7 +200,7 @@ def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> 
             flops = step_flops(config, prompt, completion, args.batch, ROWS[name][1])
             row["gflops_per_s"] = flops / row["median_s"] / 1e9
         out.append(row)
-    return out
+    return out, peaks
 
 
 def bench_scale(args, work: Path, model: Path, config: dict) -> list[dict]:

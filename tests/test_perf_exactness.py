@@ -145,3 +145,27 @@ def test_non_finite_gradient_leaves_weights_and_optimizer_untouched(make_config)
         np.testing.assert_array_equal(np.array(v), state[k])
     engine.forward_backward(batch, 4)
     assert engine.apply_update(1e-3)[1]  # and the next finite step applies
+
+
+def test_compiled_update_equals_eager_update_and_survives_load_state(make_config, tmp_path):
+    batch = collate(_pairs(8, n=4), pad_id=2)
+    engines = [_engine(make_config, **{"model.finetune": "full", "compute.compile": flag}) for flag in (True, False)]
+    for engine in engines:
+        for _ in range(2):
+            engine.forward_backward(batch, 4)
+            engine.apply_update(1e-3)
+    compiled, eager = (dict(tree_flatten(e.models.policy.trainable_parameters())) for e in engines)
+    moved = 0.0
+    for name, value in eager.items():
+        np.testing.assert_allclose(np.array(compiled[name]), np.array(value), rtol=1e-4, atol=1e-6, err_msg=name)
+    # load_state swaps the optimizer's state dict: the compiled update must follow it.
+    (tmp_path / "ck").mkdir()
+    engines[0].save_state(tmp_path / "ck")
+    before = {k: np.array(v) for k, v in tree_flatten(engines[0].models.policy.trainable_parameters())}
+    engines[0].load_state(tmp_path / "ck")
+    engines[0].forward_backward(batch, 4)
+    assert engines[0].apply_update(1e-3)[1]
+    after = dict(tree_flatten(engines[0].models.policy.trainable_parameters()))
+    moved = max(float(np.abs(np.array(after[k]) - v).max()) for k, v in before.items())
+    assert moved > 1e-6
+    assert int(np.array(engines[0].optimizer.state["step"])) == 3

@@ -16,7 +16,7 @@ from ..logprobs import sequence_logps, token_kl
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
 from ..preference_gap import pair_gaps
-from .mlx_fast import FastPath, guarded_update
+from .mlx_fast import FastPath, UpdateStep, merge_optimizer_state
 
 
 class MLXEngine:
@@ -38,6 +38,8 @@ class MLXEngine:
         self.group = None  # an mx.distributed group when training on several ranks
         self.fast = FastPath(self)  # the hot path (engines/mlx_fast.py); None plan = plain path
         self.notes.append(self.fast.describe())
+        self._update = UpdateStep(self.optimizer, self.models.policy, cfg.optimization.max_grad_norm,
+                                  cfg.compute.compile)
 
     # -- the differentiated function ------------------------------------------------------
     def _policy_logps(self, logits, targets, mask):
@@ -87,8 +89,7 @@ class MLXEngine:
             grads = sum_over_ranks(grads, self.group)
         self.optimizer.learning_rate = mx.array(learning_rate, dtype=mx.float32)
         # One evaluation for norm, clip and step: a non-finite norm is refused inside the graph.
-        norm, ok = guarded_update(self.optimizer, self.models.policy, grads,
-                                  self.cfg.optimization.max_grad_norm)
+        norm, ok = self._update(grads)
         mx.eval(norm, ok, self.models.policy.trainable_parameters(), self.optimizer.state)
         return float(norm), bool(ok)
 
@@ -130,7 +131,7 @@ class MLXEngine:
     def load_state(self, folder: Path) -> None:
         load_trainable(self.models.policy, folder)
         state = mx.load(str(folder / "optimizer.safetensors"))
-        self.optimizer.state = tree_unflatten(list(state.items()))
+        merge_optimizer_state(self.optimizer, state)
         mx.eval(self.optimizer.state)
 
     def export(self, folder: Path) -> None:

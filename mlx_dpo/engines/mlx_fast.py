@@ -118,14 +118,51 @@ def guarded_update(optimizer, model, grads, max_norm: float):
     old_params = dict(tree_flatten(model.trainable_parameters()))
     old_state = dict(tree_flatten(optimizer.state))
     optimizer.update(model, grads)
-    model.update(_keep_old_unless(ok, model.trainable_parameters(), old_params))
-    optimizer.state = _keep_old_unless(ok, optimizer.state, old_state)
+    model.update(tree_unflatten(_keep_old_unless(ok, model.trainable_parameters(), old_params)))
+    # In place: keeps the tree's empty containers, and the dict a compiled update holds on to.
+    merge_optimizer_state(optimizer, dict(_keep_old_unless(ok, optimizer.state, old_state)))
     return norm, ok
 
 
-def _keep_old_unless(ok: mx.array, new_tree, old_flat: dict):
-    """new where ok, else old; entries the step created (first-use optimizer state) stay new."""
-    merged = [(k, mx.where(ok, v, old_flat[k]) if k in old_flat else v)
-              for k, v in tree_flatten(new_tree)]
-    return tree_unflatten(merged)
+def merge_optimizer_state(optimizer, flat: dict) -> None:
+    """Write saved optimizer leaves ("a.0.b" -> array) into the live state tree, in place.
 
+    Replacing the tree with `tree_unflatten(flat)` loses the empty containers a flat file
+    cannot hold (e.g. full fine-tuning's `layer_types: []`), and AdamW's tree_map over
+    gradients and state then fails with a KeyError; it would also drop the dict a compiled
+    update holds on to.
+    """
+    for path, value in flat.items():
+        node = optimizer.state
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
+
+
+class UpdateStep:
+    """guarded_update, under mx.compile when compute.compile is on: AdamW's elementwise ops
+    fuse into few passes over the weights (for full fine-tuning, 135M parameters times ~15
+    ops otherwise: a fifth of the step, measured on SmolLM2-135M)."""
+
+    def __init__(self, optimizer, model, max_norm: float, compile: bool):
+        self.optimizer, self.model, self.max_norm, self.compile = optimizer, model, max_norm, compile
+        self._fn, self._state = None, None
+
+    def __call__(self, grads):
+        if not self.compile:
+            return guarded_update(self.optimizer, self.model, grads, self.max_norm)
+        if self._state is not self.optimizer.state:  # load_state replaces the dict: retrace
+            self._state = self.optimizer.state
+            state = [self.model.state, self.optimizer.state]
+            self._fn = mx.compile(lambda g: guarded_update(self.optimizer, self.model, g, self.max_norm),
+                                  inputs=state, outputs=state)
+        return self._fn(grads)
+
+
+def _keep_old_unless(ok: mx.array, new_tree, old_flat: dict) -> list:
+    """(path, new where ok else old); entries the step created (first-use state) stay new."""
+    return [(k, mx.where(ok, v, old_flat[k]) if k in old_flat else v) for k, v in tree_flatten(new_tree)]
