@@ -28,6 +28,20 @@ def read_pairs(path: str) -> list[dict]:
 
 
 # -- mlx-dpo ---------------------------------------------------------------------------------
+def _mlx_dpo_config(spec: dict, opts: dict) -> dict:
+    """The bench spec as an mlx-dpo config (the same model, data, batch and LoRA shape as the peers)."""
+    return {"model": {"base_model": spec["model"], "finetune": spec["finetune"], "lora_rank": spec["lora_rank"],
+                     "lora_scale": spec["lora_scale"]},
+           "data": {"train_file": spec["data"], "max_prompt_length": spec["max_prompt"],
+                    "max_response_length": spec["max_completion"]},
+           "training": {"learning_rate": spec["lr"], "batch_size": spec["batch"],
+                        "share_prompt": opts.get("share_prompt", True),
+                        "precompute_reference": opts.get("precompute_reference", True),
+                        "reference_cache_dir": spec["cache_dir"]},
+           "compute": {"compile": opts.get("compile", True)},
+           "logging": {"output_dir": spec["cache_dir"]}}
+
+
 def run_mlx_dpo(spec: dict) -> dict:
     import mlx_dpo  # noqa: F401  (OpenBLAS before mlx)
     import mlx.core as mx
@@ -39,17 +53,7 @@ def run_mlx_dpo(spec: dict) -> dict:
     from mlx_dpo.engines.mlx_engine import MLXEngine
 
     opts = spec.get("mlx_dpo", {})
-    raw = {"model": {"base_model": spec["model"], "finetune": spec["finetune"], "lora_rank": spec["lora_rank"],
-                     "lora_scale": spec["lora_scale"]},
-           "data": {"train_file": spec["data"], "max_prompt_length": spec["max_prompt"],
-                    "max_response_length": spec["max_completion"]},
-           "training": {"learning_rate": spec["lr"], "batch_size": spec["batch"],
-                        "share_prompt": opts.get("share_prompt", True),
-                        "precompute_reference": opts.get("precompute_reference", True),
-                        "reference_cache_dir": spec["cache_dir"]},
-           "compute": {"compile": opts.get("compile", True)},
-           "logging": {"output_dir": spec["cache_dir"]}}
-    cfg = config_from_dict(raw, source="bench")
+    cfg = config_from_dict(_mlx_dpo_config(spec, opts), source="bench")
     engine = MLXEngine(cfg)
     if opts.get("plain"):
         engine.fast.enabled = False  # the full-logits path, as before the hot-path work
