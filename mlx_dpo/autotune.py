@@ -25,7 +25,7 @@ from .config import Config
 from .data.batching import collate
 from .data.tokenize import EncodedPair
 from .errors import UserError
-from .hardware import BATCH_TABLE, DeviceInfo
+from .hardware import BATCH_TABLE, DeviceInfo, cache_root
 
 MAX_PROBE_BATCH = 256
 
@@ -164,11 +164,7 @@ def _release(engine) -> None:
 
 # -- the cache -------------------------------------------------------------------------------
 def cache_path() -> Path:
-    """MLX_DPO_CACHE_DIR, else $XDG_CACHE_HOME/mlx-dpo, else ~/.cache/mlx-dpo."""
-    root = os.environ.get("MLX_DPO_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-dpo"
-    return Path(root) / "batch_sizes.json"
+    return cache_root() / "batch_sizes.json"
 
 
 def cache_key(cfg: Config, device: DeviceInfo) -> str:

@@ -78,7 +78,7 @@ class TrainingConfig:
                                            "training and cache them on disk (keyed by data, model and "
                                            "tokenization), instead of a reference forward in every step.")
     reference_cache_dir: Optional[str] = opt(None, "Where cached reference log-probs live. Default: "
-                                                   "$MLX_DPO_CACHE or ~/.cache/mlx-dpo/reference-logps.")
+                                                   "$MLX_DPO_CACHE_DIR/reference-logps, else ~/.cache/mlx-dpo/reference-logps.")
     share_prompt: bool = opt(True, "Run each pair's prompt once for chosen and rejected (same log-probs, "
                                    "less compute; off with gradient checkpointing).")
 

@@ -76,6 +76,15 @@ def _preload_blas() -> str:
     return "bundled reference BLAS (slow: install libopenblas0-pthread)"
 
 
+def cache_root() -> Path:
+    """Where mlx-dpo keeps caches (batch sizes, reference log-probs): $MLX_DPO_CACHE_DIR,
+    else $XDG_CACHE_HOME/mlx-dpo, else ~/.cache/mlx-dpo."""
+    root = os.environ.get("MLX_DPO_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-dpo"
+
+
 def blas_name() -> str:
     return prepare_runtime()["blas"]
 

@@ -27,14 +27,14 @@ import numpy as np
 
 from .data.batching import collate
 from .data.tokenize import EncodedPair
+from .hardware import cache_root
 
 CACHE_VERSION = 1
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("MLX_DPO_CACHE") or Path.home() / ".cache" / "mlx-dpo"
-    return Path(root) / "reference-logps"
+    return cache_root() / "reference-logps"
 
 
 def data_digest(pairs: list[EncodedPair]) -> str:

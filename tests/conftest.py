@@ -9,6 +9,14 @@ import pytest
 
 import mlx_dpo  # noqa: F401  (prepares the runtime before mlx loads)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Reference log-probs and batch-size caches go to a temp folder, never the user's ~/.cache."""
+    import os
+
+    os.environ["MLX_DPO_CACHE_DIR"] = str(tmp_path_factory.mktemp("mlx-dpo-cache"))
+
 WORDS = ("the a cat dog sun sky blue red tree water plant how why what is do i explain please "
          "thanks sure here steps first then finally no idea go away whatever help you can with "
          "answer question good bad yes maybe user assistant system").split()

@@ -82,3 +82,12 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path):
 def test_every_key_has_help():
     rows = describe()
     assert len(rows) > 40 and all(help_text for _, _, _, help_text in rows)
+
+
+def test_config_reference_in_docs_is_current():
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "scripts" / "make_config_docs.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

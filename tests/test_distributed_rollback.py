@@ -55,7 +55,7 @@ def start_ranks(tmp_path: Path, config: Path, output_dirs: list[Path]) -> list[s
     procs = []
     for rank, out in enumerate(output_dirs):
         env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring), "MLX_DPO_SECRET": SECRET,
-               "MLX_DPO_CACHE": str(tmp_path / "cache")}
+               "MLX_DPO_CACHE_DIR": str(tmp_path / "cache")}
         argv = [PY, "-c", DRIVER, str(config), str(tmp_path / f"state{rank}.safetensors"), str(out)]
         with open(tmp_path / f"rank{rank}.log", "w") as log:
             procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -83,7 +83,7 @@ class TwoRanks:
         self.procs = []
         for rank in range(2):
             env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring), "MLX_DPO_SECRET": SECRET,
-                   "MLX_DPO_CACHE": str(tmp_path / "cache")}
+                   "MLX_DPO_CACHE_DIR": str(tmp_path / "cache")}
             argv = [PY, "-m", "mlx_dpo", "train", str(config), "--no-progress", "--set", "compute.num_devices=2",
                     *args, *(rank_args or {}).get(rank, ())]
             with open(self.logs[rank], "w") as log:
@@ -130,7 +130,7 @@ def one_process_run(make_config, out: Path, **overrides) -> dict:
 # -- equivalence ------------------------------------------------------------------------------
 def test_launch_lora_65_35_equals_one_process(make_config, tmp_path, monkeypatch):
     """`mlx-dpo launch` with rank 1 behind (a stand-in for) ssh: same weights, global metrics."""
-    monkeypatch.setenv("MLX_DPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLX_DPO_CACHE_DIR", str(tmp_path / "cache"))
     fake_ssh = tmp_path / "bin" / "ssh"
     fake_ssh.parent.mkdir()
     fake_ssh.write_text('#!/bin/bash\n# ssh stand-in: skip options and host, run the command here\n'
