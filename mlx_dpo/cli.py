@@ -27,7 +27,7 @@ class _Group(click.Group):
 def main():
     """Direct Preference Optimization of language models on MLX.
 
-    Run `mlx-dpo train` with no argument for a 2-minute smoke run on a bundled tiny model.
+    Run `mlx-dpo train` with no argument for a smoke run (under a minute) on a bundled tiny model.
     """
 
 

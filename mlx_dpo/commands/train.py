@@ -34,7 +34,7 @@ def train(config, overrides, resume, overwrite, skip_bad_records, no_progress, s
     """Train a policy with DPO as CONFIG (YAML) says.
 
     With no CONFIG, runs the bundled smoke config: a tiny model and a synthetic preference
-    set, about two minutes on a laptop CPU, ending with validation accuracy and KL.
+    set, under a minute on a laptop CPU, ending with validation accuracy and KL.
     """
     from tqdm.auto import tqdm
 
