@@ -181,7 +181,9 @@ class _PrefixCache:
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None) -> mx.array:
         if window_size is not None:
-            raise NotImplementedError("shared-prompt forward: sliding-window attention")
+            from .errors import UserError
+            raise UserError("training.share_prompt does not support models with sliding-window attention; "
+                            "set training.share_prompt: false for this model")
         q = mx.arange(n)[:, None]
         k = mx.arange(self.offset + n)[None, :]
         causal = k <= q + self.offset
