@@ -144,6 +144,12 @@ class ComputeConfig:
                                      "shared secret.", gt=0)
     gradient_checkpointing: bool = opt(False, "Recompute block activations in the backward pass to save memory.")
     compile: bool = opt(True, "Trace the MLX training step with mx.compile (one trace per padded batch shape).")
+    cpu_streams: int = opt(0, "MLX on the CPU: split each micro-batch's pairs over this many CPU streams (one "
+                               "thread each, run side by side); 0 = one per CPU core, 1 = off. "
+                               "No effect on Metal.", min=0)
+    fast_cpu_math: bool = opt(True, "MLX on the CPU: attention softmax, SwiGLU and the LM head's log-sum-exp on "
+                                    "a vectorisable exp (mlx_dpo/cpu_kernels.py; ~7x MLX's CPU exp, relative "
+                                    "error 1.2e-7). No effect on Metal.")
 
 
 @dataclass

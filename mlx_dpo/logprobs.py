@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import cpu_kernels
+
 
 def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """log p(target) at every position, (N, T): the target logit minus the log-partition."""
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+    return picked.astype(mx.float32) - cpu_kernels.logsumexp(logits.astype(mx.float32))
 
 
 def sequence_logps(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:

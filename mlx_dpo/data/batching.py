@@ -86,3 +86,20 @@ def split_sizes(total: int, weights: list[float]) -> list[int]:
     for i in np.argsort(-(raw - sizes), kind="stable")[: spare - sizes.sum()]:
         sizes[i] += 1
     return [int(s) + 1 for s in sizes]
+
+
+def split_pairs(batch: Batch, parts: int) -> list[Batch]:
+    """The batch cut into `parts` batches of whole pairs (sizes differ by at most one), each with
+    its chosen and rejected rows, its own token count and cached reference log-probs."""
+    b = batch.num_pairs
+    parts = max(1, min(parts, b))
+    # A row's length: its last completion target is token n-1 of n+1 tokens (see collate).
+    lengths = batch.mask.shape[1] - np.argmax(batch.mask[:, ::-1] > 0, axis=1) + 1
+    out, start = [], 0
+    for size in split_sizes(b, [1.0] * parts):
+        rows = np.r_[start:start + size, b + start:b + start + size]
+        ref = None if batch.ref_logps is None else batch.ref_logps[rows]
+        out.append(Batch(batch.inputs[rows], batch.targets[rows], batch.mask[rows], size,
+                         int(lengths[rows].sum()), ref))
+        start += size
+    return out

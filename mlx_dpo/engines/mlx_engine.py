@@ -9,19 +9,23 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from .. import cpu_kernels
 from ..config import Config
 from ..data.batching import Batch
+from ..hardware import keep_cpu_buffers
 from ..distributed.exchange import sum_over_ranks
 from ..logprobs import sequence_logps, token_kl
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
 from ..preference_gap import pair_gaps
+from .cpu_streams import CpuStreams, on_stream
 from .mlx_fast import FastPath, UpdateStep, merge_optimizer_state
 
 
 class MLXEngine:
     def __init__(self, cfg: Config, device_kind: str = "cpu", models: Models | None = None):
         self.cfg = cfg
+        keep_cpu_buffers()
         self.models = models or load_models(cfg, device_kind)
         self.tokenizer = self.models.tokenizer
         self.notes = [f"engine: mlx {mx.__version__} on {mx.default_device()}"] + self.models.notes
@@ -38,8 +42,10 @@ class MLXEngine:
         self.group = None  # an mx.distributed group when training on several ranks
         self.fast = FastPath(self)  # the hot path (engines/mlx_fast.py); None plan = plain path
         self.notes.append(self.fast.describe())
+        self.cpu_streams = CpuStreams(cfg.compute.cpu_streams)
+        self.notes.append(self.cpu_streams.describe())
         self._update = UpdateStep(self.optimizer, self.models.policy, cfg.optimization.max_grad_norm,
-                                  cfg.compute.compile)
+                                  cfg.compute.compile, self.cpu_streams.streams)
 
     # -- the differentiated function ------------------------------------------------------
     def _policy_logps(self, logits, targets, mask):
@@ -68,18 +74,37 @@ class MLXEngine:
     def seed(self, value: int) -> None:
         mx.random.seed(value)
 
+    def kernels(self):
+        """Context for every forward this engine runs: the fast CPU kernels where they apply."""
+        return cpu_kernels.installed(self.models.policy, self.cfg.compute.fast_cpu_math)
+
     def forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
+        with self.kernels():
+            return self._forward_backward(batch, global_pairs)
+
+    def _forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
+        parts = self.cpu_streams.split(batch)
+        grads = stats = None
+        with self.cpu_streams.running(parts):
+            for stream, part in parts:
+                with on_stream(stream):
+                    part_grads, aux = self._part_grads(part, global_pairs)
+                    part_stats = _sums(*aux, part)
+                grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
+                stats = part_stats if stats is None else {k: stats[k] + v for k, v in part_stats.items()}
+            self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+            mx.eval(self._grads, stats)
+        return {k: float(v) for k, v in stats.items()}
+
+    def _part_grads(self, batch: Batch, global_pairs: int):
+        """(grads, aux) of one batch, on the current stream; nothing evaluated."""
         plan = self.fast.plan(batch)
         if plan is not None:
-            grads, aux = self.fast.forward_backward(plan, batch.ref_logps, 1.0 / global_pairs)
-        else:
-            inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
-            ref_logps = self._reference_logps(inputs, targets, mask)
-            (_, aux), grads = self._grad_fn(inputs, targets, mask, ref_logps, 1.0 / global_pairs)
-        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
-        stats = _sums(*aux, batch)
-        mx.eval(self._grads, stats)
-        return {k: float(v) for k, v in stats.items()}
+            return self.fast.forward_backward(plan, batch.ref_logps, 1.0 / global_pairs)
+        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+        ref_logps = self._reference_logps(inputs, targets, mask)
+        (_, aux), grads = self._grad_fn(inputs, targets, mask, ref_logps, 1.0 / global_pairs)
+        return grads, aux
 
     def apply_update(self, learning_rate: float, skip: bool = False) -> tuple[float, bool]:
         grads, self._grads = self._grads, None
@@ -94,6 +119,10 @@ class MLXEngine:
         return float(norm), bool(ok)
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
+        with self.kernels():
+            return self._evaluate(batch)
+
+    def _evaluate(self, batch: Batch) -> dict[str, float]:
         inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
         policy = self.models.policy
         policy.eval()
@@ -117,11 +146,12 @@ class MLXEngine:
 
     def reference_sums(self, batch: Batch) -> mx.array:
         """Summed completion log-probs of the reference, (2B,): what refcache.py stores."""
-        plan = self.fast.plan(batch)
-        if plan is not None:
-            return self.fast.reference_sums(plan)
-        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
-        return sequence_logps(reference_forward(self.models, inputs), targets, mask)
+        with self.kernels():
+            plan = self.fast.plan(batch)
+            if plan is not None:
+                return self.fast.reference_sums(plan)
+            inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+            return sequence_logps(reference_forward(self.models, inputs), targets, mask)
 
     def save_state(self, folder: Path) -> None:
         save_adapters(self.models, folder)

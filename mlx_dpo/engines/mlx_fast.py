@@ -6,18 +6,19 @@ can be made (completions are contiguous runs, the model's top is a plain body + 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..completion import Plan, completion_logits, make_plan, split_model
 from ..data.batching import Batch
 from ..logprobs import sequence_logps
 from ..models import adapters_disabled
+from .cpu_streams import on_stream
 
 
 class FastPath:
@@ -67,8 +68,10 @@ class FastPath:
         return total * scale, aux
 
     def _step_fn(self, plan: Plan, cached: bool):
-        """One function per (shared, cached) variant; mx.compile retraces per new shape."""
-        key = (plan.shared, cached)
+        """One function per (shared, cached, stream) variant; mx.compile retraces per new shape.
+        A trace keeps the stream it was made on, so each CPU stream (cpu_streams.py) has its own."""
+        stream = mx.default_stream(mx.default_device())
+        key = (plan.shared, cached, str(stream))  # Stream's hash is per object: key on its name
         shared = plan.shared
         if key not in self._compiled:
             def step(*args):
@@ -103,25 +106,53 @@ class FastPath:
         return sequence_logps(logits, mx.array(plan.targets), mx.array(plan.weights))
 
 
-def guarded_update(optimizer, model, grads, max_norm: float):
+def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = ()):
     """Clip and step lazily; a non-finite norm leaves weights and optimizer state as they were.
 
     The finiteness test is an `mx.where` inside the graph, so the step needs no host round-trip
     before the update; old and new arrays coexist during evaluation either way (MLX is
-    functional), so this costs no extra peak memory.
+    functional), so this costs no extra peak memory. The arithmetic is MLX's own
+    (`clip_grad_norm`'s normaliser, `optimizer.apply_single` per tensor, as `Optimizer.update`
+    does it); with `lanes` (CPU streams) the tensors are spread over them by size, so the
+    elementwise passes over a full fine-tune's weights run on every core.
     """
-    if max_norm > 0:
-        grads, norm = optim.clip_grad_norm(grads, max_norm)
-    else:
-        norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+    place = _placement(grads, lanes)
+    squares = []
+    for path, g in tree_flatten(grads):
+        with on_stream(place[path]):
+            squares.append(g.square().sum())
+    norm = mx.sqrt(sum(squares))
+    normalizer = mx.minimum(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else None
     ok = mx.isfinite(norm)
-    old_params = dict(tree_flatten(model.trainable_parameters()))
-    old_state = dict(tree_flatten(optimizer.state))
-    optimizer.update(model, grads)
-    model.update(tree_unflatten(_keep_old_unless(ok, model.trainable_parameters(), old_params)))
-    # In place: keeps the tree's empty containers, and the dict a compiled update holds on to.
-    merge_optimizer_state(optimizer, dict(_keep_old_unless(ok, optimizer.state, old_state)))
+    old_step = optimizer.state["step"]
+    optimizer.state["step"] = old_step + 1
+
+    def step_one(path, g, p, state):
+        with on_stream(place[path]):
+            old_m, old_v = state["m"], state["v"]
+            if normalizer is not None:
+                g = (g * normalizer).astype(g.dtype)
+            new_p = optimizer.apply_single(g, p, state)  # writes state["m"], state["v"]
+            state["m"], state["v"] = mx.where(ok, state["m"], old_m), mx.where(ok, state["v"], old_v)
+            return mx.where(ok, new_p, p)
+
+    model.update(tree_map_with_path(step_one, grads, model.trainable_parameters(), optimizer.state))
+    optimizer.state["step"] = mx.where(ok, optimizer.state["step"], old_step)
     return norm, ok
+
+
+def _placement(grads, lanes: Sequence) -> dict:
+    """Tensor path -> stream (None: the default one), largest tensors first onto the least loaded."""
+    flat = tree_flatten(grads)
+    if len(lanes) < 2:
+        return {path: None for path, _ in flat}
+    load = [0] * len(lanes)
+    place = {}
+    for path, g in sorted(flat, key=lambda item: -item[1].size):
+        lane = load.index(min(load))
+        place[path] = lanes[lane]
+        load[lane] += g.size
+    return place
 
 
 def merge_optimizer_state(optimizer, flat: dict) -> None:
@@ -148,21 +179,17 @@ class UpdateStep:
     fuse into few passes over the weights (for full fine-tuning, 135M parameters times ~15
     ops otherwise: a fifth of the step, measured on SmolLM2-135M)."""
 
-    def __init__(self, optimizer, model, max_norm: float, compile: bool):
+    def __init__(self, optimizer, model, max_norm: float, compile: bool, lanes: Sequence = ()):
         self.optimizer, self.model, self.max_norm, self.compile = optimizer, model, max_norm, compile
+        self.lanes = lanes
         self._fn, self._state = None, None
 
     def __call__(self, grads):
         if not self.compile:
-            return guarded_update(self.optimizer, self.model, grads, self.max_norm)
+            return guarded_update(self.optimizer, self.model, grads, self.max_norm, self.lanes)
         if self._state is not self.optimizer.state:  # load_state replaces the dict: retrace
             self._state = self.optimizer.state
             state = [self.model.state, self.optimizer.state]
-            self._fn = mx.compile(lambda g: guarded_update(self.optimizer, self.model, g, self.max_norm),
+            self._fn = mx.compile(lambda g: guarded_update(self.optimizer, self.model, g, self.max_norm, self.lanes),
                                   inputs=state, outputs=state)
         return self._fn(grads)
-
-
-def _keep_old_unless(ok: mx.array, new_tree, old_flat: dict) -> list:
-    """(path, new where ok else old); entries the step created (first-use state) stay new."""
-    return [(k, mx.where(ok, v, old_flat[k]) if k in old_flat else v) for k, v in tree_flatten(new_tree)]

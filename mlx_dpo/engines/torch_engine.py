@@ -9,7 +9,6 @@ the other's run (adapters.safetensors, optimizer.safetensors with `<name>.m` / `
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import resource
@@ -21,6 +20,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from ..config import Config
+from ..hardware import openblas_threads
 from ..data.batching import Batch
 from ..losses import LOSSES
 from ..preference_gap import pair_gaps
@@ -48,7 +48,6 @@ class TorchEngine:
                                            weight_decay=o.weight_decay)
         self.loss = LOSSES[cfg.training.loss_type]
         self._autocast = self.torch_models.autocast
-        self._cpu_blas = _openblas_threads() if self.device.type == "cpu" else None
 
     @property
     def ranks(self):
@@ -92,21 +91,11 @@ class TorchEngine:
         return as_t(batch.inputs, torch.long), as_t(batch.targets, torch.long), as_t(batch.mask, torch.float32)
 
     # -- engine interface -----------------------------------------------------------------
-    @contextlib.contextmanager
     def _torch_threading(self):
         """On the CPU, torch's matmuls resolve to the OpenBLAS that hardware.py preloads for MLX,
         whose own thread pool then fights torch's OpenMP threads (steps measured ~3x slower on
         2 cores). One OpenBLAS thread under torch's parallelism, for torch's calls only."""
-        if self._cpu_blas is None:
-            yield
-            return
-        get, set_ = self._cpu_blas
-        before = get()
-        set_(1)
-        try:
-            yield
-        finally:
-            set_(before)
+        return openblas_threads(1) if self.device.type == "cpu" else contextlib.nullcontext()
 
     def forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         with self._torch_threading():
@@ -231,15 +220,6 @@ class TorchEngine:
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-
-
-def _openblas_threads():
-    """(get, set) of the process's OpenBLAS thread count, or None when none is loaded."""
-    try:
-        lib = ctypes.CDLL(None)
-        return lib.openblas_get_num_threads, lib.openblas_set_num_threads
-    except (AttributeError, OSError):
-        return None
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
