@@ -26,21 +26,28 @@ _ACTIVE = contextvars.ContextVar("mlx_dpo_cpu_kernels", default=False)
 _LOG2E = 1.4426950408889634
 _ROUND = 12582912.0  # 1.5 * 2**23: adding then subtracting it rounds a float32 to an integer
 # exp2 on [-0.5, 0.5]: Cephes' coefficients, highest power first.
+_MASKED = -1e30  # a masked attention score: finite, so that the fast exp gives ~0 rather than NaN
 _EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3,
               5.550332471162809e-2, 2.402264791363012e-1, 6.931472028550421e-1, 1.0)
 
 
 def _exp_nonpositive(x: mx.array) -> mx.array:
-    """exp(x) for x <= 0 (anything below -87 gives ~1.6e-38, not 0; NaN stays NaN)."""
-    x = mx.where(x < -87.0, -87.0, x)
+    """exp(x) for x <= 0; anything below -87 gives about 1e-38, not 0; NaN stays NaN.
+
+    Written for MLX's fuser (at most 11 ops deep per kernel, a value used twice must be used
+    within one kernel): 2**round(x*log2 e) is built from integer bits in one kernel, the
+    polynomial in the remainder, evaluated by Estrin's scheme to stay shallow, in the other.
+    Inputs must be finite or NaN: -inf gives NaN (callers clamp masks to -1e30).
+    """
+    # (2x) * (log2 e / 2) is x * log2 e bit for bit, but a distinct node: each kernel keeps its own.
+    whole = ((x * 2.0) * (_LOG2E / 2) + _ROUND - _ROUND).astype(mx.int32)  # huge or NaN: INT_MIN or 0
+    two_to_whole = (mx.maximum(whole, -126) + 127) << 23
     y = x * _LOG2E
-    whole = (y + _ROUND) - _ROUND
-    frac = y - whole
-    p = frac * _EXP2_POLY[0] + _EXP2_POLY[1]
-    for c in _EXP2_POLY[2:]:
-        p = p * frac + c
-    two_to_whole = ((whole.astype(mx.int32) + 127) << 23).view(mx.float32)
-    return p * two_to_whole
+    g = ((y + _ROUND) - _ROUND) - y  # minus the remainder, in [-0.5, 0.5]
+    c = [coef * (-1) ** (6 - k) for k, coef in enumerate(_EXP2_POLY)]  # polynomial in g = -remainder
+    g2 = g * g
+    p = (c[5] * g + c[6]) + g2 * (c[3] * g + c[4]) + (g2 * g2) * ((c[1] * g + c[2]) + c[0] * g2)
+    return p * two_to_whole.view(mx.float32)
 
 
 @mx.custom_function
@@ -110,9 +117,9 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
         mask = mx.arange(s)[None, :] <= mx.arange(t)[:, None] + (s - t)
     if mask is not None:
         if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.finfo(mx.float32).min)
+            scores = mx.where(mask, scores, _MASKED)
         else:
-            scores = scores + mask.astype(scores.dtype)
+            scores = scores + mx.maximum(mask.astype(scores.dtype), _MASKED)
     top = mx.stop_gradient(scores.max(axis=-1, keepdims=True))
     weights = exp_nonpositive(scores - top).reshape(b, kv_heads, group * t, s)
     out = (weights @ values) / weights.sum(axis=-1, keepdims=True)

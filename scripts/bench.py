@@ -82,11 +82,14 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     "mlx-lm-lora-lora": ("mlx-lm-lora", "lora", {}), "mlx-lm-lora-full": ("mlx-lm-lora", "full", {}),
     "trl-full": ("trl", "full", {}),
     "trl-full-no-ckpt": ("trl", "full", {"trl": {"gradient_checkpointing": False}}),
-    "mlx-dpo-lora/plain": ("mlx-dpo", "lora", {"mlx_dpo": {"plain": True, "share_prompt": False,
+    "mlx-dpo-lora/plain": ("mlx-dpo", "lora", {"mlx_dpo": {"plain": True, "share_prompt": False, "cpu_streams": 1, "fast_cpu_math": False,
                                                            "compile": False, "precompute_reference": False}}),
     "mlx-dpo-lora/no-share": ("mlx-dpo", "lora", {"mlx_dpo": {"share_prompt": False}}),
     "mlx-dpo-lora/no-compile": ("mlx-dpo", "lora", {"mlx_dpo": {"compile": False}}),
     "mlx-dpo-lora/live-ref": ("mlx-dpo", "lora", {"mlx_dpo": {"precompute_reference": False}}),
+    "mlx-dpo-lora/mlx-exp": ("mlx-dpo", "lora", {"mlx_dpo": {"fast_cpu_math": False}}),
+    "mlx-dpo-lora/one-stream": ("mlx-dpo", "lora", {"mlx_dpo": {"cpu_streams": 1}}),
+    "mlx-dpo-full/one-stream": ("mlx-dpo", "full", {"mlx_dpo": {"cpu_streams": 1}}),
 }
 
 
@@ -113,8 +116,10 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 # -- FLOPs of what mlx-dpo computes ----------------------------------------------------------------
-def step_flops(config: dict, prompt: int, completion: int, batch: int, finetune: str) -> float:
-    """Matmul FLOPs of one mlx-dpo step (shared prompt, completion-only head, cached reference).
+def step_flops(config: dict, pair_tokens: list, finetune: str) -> float:
+    """Matmul FLOPs of one mlx-dpo step (shared prompt, completion-only head, cached reference),
+    from the real token counts of its pairs: [(prompt, chosen, rejected), ...] (chat template
+    included, padding excluded: padded positions are waste, not work).
 
     Per token a forward costs 2 * (linear weights of the blocks) + attention (2 * 2 * context
     * hidden per layer); the LM head 2 * hidden * vocab only on completion tokens. Backward
@@ -124,10 +129,14 @@ def step_flops(config: dict, prompt: int, completion: int, batch: int, finetune:
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or h // heads
     linear = layers * (h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter)
+
     def body(tokens, context):
         return tokens * (2 * linear + layers * 4 * context * heads * head_dim)
-    fwd = batch * body(prompt, prompt / 2) + 2 * batch * body(completion, prompt + completion / 2)
-    fwd += 2 * batch * completion * 2 * h * config["vocab_size"]
+
+    fwd = 0.0
+    for prompt, chosen, rejected in pair_tokens:
+        fwd += body(prompt, prompt / 2) + body(chosen, prompt + chosen / 2) + body(rejected, prompt + rejected / 2)
+        fwd += (chosen + rejected) * 2 * h * config["vocab_size"]
     return fwd * (2 if finetune == "lora" else 3)
 
 
@@ -160,7 +169,8 @@ def main() -> None:
     results["matmul_peak_gflops"] = matmul_peak_gflops()
     print(f"fp32 matmul peak (MLX, 2048^3): {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
     rows = args.runners.split(",") + (["mlx-dpo-lora/plain", "mlx-dpo-lora/no-share", "mlx-dpo-lora/no-compile",
-                                       "mlx-dpo-lora/live-ref"] if args.ablation else [])
+                                       "mlx-dpo-lora/live-ref", "mlx-dpo-lora/mlx-exp", "mlx-dpo-lora/one-stream",
+                                       "mlx-dpo-full/one-stream"] if args.ablation else [])
     results["rows"], peaks = bench_rows(rows, args, work, model, config)
     results["matmul_peaks"] = [results["matmul_peak_gflops"], *peaks]
     # Utilisation against the best rate MLX showed in this run: the fairest ceiling on a busy machine.
@@ -197,7 +207,9 @@ def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> 
     for name in rows:
         row = summarize(name, runs[name], args.batch * (2 * prompt + 2 * completion))
         if name.startswith("mlx-dpo") and "error" not in row:
-            flops = step_flops(config, prompt, completion, args.batch, ROWS[name][1])
+            steps = [shape for r in runs[name] if "error" not in r for shape in r["pair_tokens"]]
+            flops = statistics.mean(step_flops(config, shape, ROWS[name][1]) for shape in steps)
+            row["gflops_per_step"] = flops / 1e9
             row["gflops_per_s"] = flops / row["median_s"] / 1e9
         out.append(row)
     return out, peaks

@@ -171,12 +171,13 @@ def extra_sections(results: dict, earlier) -> list[str]:
                   "load, before the optimizer update was compiled), with its own mlx-dpo-lora row as the baseline; "
                   f"its matmul rate was {', '.join(f'{p:.0f}' for p in _peaks(earlier))} GFLOP/s:", "",
                   "```", "$ .venv/bin/python scripts/bench.py --ablation --scale --rounds 2", "```", ""]
-    ablation = [r for r in src["rows"] if r["row"] == "mlx-dpo-lora" or r["row"].startswith("mlx-dpo-lora/")]
-    if len(ablation) > 1:
-        base = next(r for r in ablation if r["row"] == "mlx-dpo-lora")
-        lines += ["Ablation (mlx-dpo LoRA, one technique off per row):", "", *table(ablation), ""]
-        lines += [f"- `{r['row']}`: {base['pairs_per_s'] / r['pairs_per_s']:.2f}x slower than with everything on"
-                  for r in ablation if r is not base and "error" not in r] + [""]
+    rows = {r["row"]: r for r in src["rows"]}
+    ablation = [r for r in src["rows"] if "/" in r["row"] and r["row"].split("/")[0] in rows]
+    if ablation:
+        lines += ["Ablation (one technique off per row, against the row before the slash):", "",
+                  *table([r for r in (rows.get("mlx-dpo-lora"), rows.get("mlx-dpo-full"), *ablation) if r]), ""]
+        lines += [f"- `{r['row']}`: {rows[r['row'].split('/')[0]]['pairs_per_s'] / r['pairs_per_s']:.2f}x "
+                  "slower than with everything on" for r in ablation if "error" not in r] + [""]
     if src["scale"]:
         lines += ["Scale (mlx-dpo LoRA; linear cost means constant seconds per 1k tokens):", "",
                   *scale_table(src["scale"]), ""]

@@ -38,7 +38,8 @@ def _mlx_dpo_config(spec: dict, opts: dict) -> dict:
                         "share_prompt": opts.get("share_prompt", True),
                         "precompute_reference": opts.get("precompute_reference", True),
                         "reference_cache_dir": spec["cache_dir"]},
-           "compute": {"compile": opts.get("compile", True)},
+           "compute": {"compile": opts.get("compile", True), "cpu_streams": opts.get("cpu_streams", 0),
+                       "fast_cpu_math": opts.get("fast_cpu_math", True)},
            "logging": {"output_dir": spec["cache_dir"]}}
 
 
@@ -64,9 +65,10 @@ def run_mlx_dpo(spec: dict) -> dict:
         refcache.attach(pairs, refcache.compute(engine, pairs, spec["batch"]))
         precompute_s = time.perf_counter() - start
     pad = engine.tokenizer.eos_token_id or 0
-    batches = [collate(pairs[i:i + spec["batch"]], pad) for i in range(0, len(pairs), spec["batch"])]
+    groups = [pairs[i:i + spec["batch"]] for i in range(0, len(pairs), spec["batch"])]
+    batches = [collate(group, pad) for group in groups]
     mx.reset_peak_memory()
-    times, tokens = [], []
+    times, tokens, pair_tokens = [], [], []
     for step in range(spec["warmup"] + spec["steps"]):
         batch = batches[step % len(batches)]
         start = time.perf_counter()
@@ -75,7 +77,10 @@ def run_mlx_dpo(spec: dict) -> dict:
         if step >= spec["warmup"]:
             times.append(time.perf_counter() - start)
             tokens.append(batch.num_tokens)
-    return {"step_s": times, "tokens": tokens, "pairs": spec["batch"], "peak_mlx_gb": mx.get_peak_memory() / 2**30,
+            pair_tokens.append([(len(p.prompt), len(p.chosen), len(p.rejected))
+                                for p in groups[step % len(groups)]])
+    return {"step_s": times, "tokens": tokens, "pair_tokens": pair_tokens, "pairs": spec["batch"],
+            "peak_mlx_gb": mx.get_peak_memory() / 2**30,
             "precompute_s": precompute_s, "precompute_pairs": len(pairs) if precompute_s else 0,
             "notes": engine.notes[-1]}
 
