@@ -148,8 +148,8 @@ class ComputeConfig:
                                "thread each, run side by side); 0 = one per CPU core, 1 = off. "
                                "No effect on Metal.", min=0)
     fast_cpu_math: bool = opt(True, "MLX on the CPU: attention softmax, SwiGLU and the LM head's log-sum-exp on "
-                                    "a vectorisable exp (mlx_dpo/cpu_kernels.py; ~7x MLX's CPU exp, relative "
-                                    "error 1.2e-7). No effect on Metal.")
+                                    "a vectorisable exp (mlx_dpo/cpu_kernels.py; ~7x MLX's CPU exp and as "
+                                    "accurate). No effect on Metal.")
 
 
 @dataclass

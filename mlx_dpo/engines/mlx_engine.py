@@ -12,8 +12,8 @@ from mlx.utils import tree_flatten, tree_map
 from .. import cpu_kernels
 from ..config import Config
 from ..data.batching import Batch
-from ..hardware import keep_cpu_buffers
 from ..distributed.exchange import sum_over_ranks
+from ..hardware import keep_cpu_buffers
 from ..logprobs import sequence_logps, token_kl
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters

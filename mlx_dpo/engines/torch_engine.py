@@ -20,8 +20,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from ..config import Config
-from ..hardware import openblas_threads
 from ..data.batching import Batch
+from ..hardware import openblas_threads
 from ..losses import LOSSES
 from ..preference_gap import pair_gaps
 from . import torch_dist

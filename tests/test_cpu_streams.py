@@ -1,0 +1,83 @@
+"""A micro-batch split over CPU streams (engines/cpu_streams.py) trains exactly like one stream,
+up to float rounding; the optimizer update spread over streams is MLX's own update."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_dpo.data.batching import collate, split_pairs
+from mlx_dpo.data.tokenize import EncodedPair
+from mlx_dpo.engines.mlx_engine import MLXEngine
+
+
+def _pairs(n: int, seed: int = 0) -> list[EncodedPair]:
+    rng = np.random.default_rng(seed)
+
+    def ids(lo, hi):
+        return [int(i) for i in rng.integers(5, 40, int(rng.integers(lo, hi)))]
+
+    return [EncodedPair(ids(2, 20), ids(1, 15), ids(1, 15), ref_logps=(float(-i), float(-2 * i))) for i in range(n)]
+
+
+def test_split_pairs_keeps_rows_tokens_and_cached_reference():
+    batch = collate(_pairs(5), pad_id=2)
+    parts = split_pairs(batch, 2)
+    assert [p.num_pairs for p in parts] == [3, 2]
+    assert sum(p.num_tokens for p in parts) == batch.num_tokens
+    # Part 2 holds pairs 3 and 4: chosen rows 3, 4 and rejected rows 8, 9 of the batch.
+    np.testing.assert_array_equal(parts[1].inputs, batch.inputs[[3, 4, 8, 9]])
+    np.testing.assert_array_equal(parts[1].ref_logps, batch.ref_logps[[3, 4, 8, 9]])
+    assert split_pairs(batch, 9)[-1].num_pairs == 1 and len(split_pairs(batch, 9)) == 5
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_two_streams_train_like_one(make_config, finetune):
+    batch = collate(_pairs(4, seed=1), pad_id=2)
+    engines = [MLXEngine(make_config(**{"model.finetune": finetune, "compute.cpu_streams": n})) for n in (2, 1)]
+    assert len(engines[0].cpu_streams.split(batch)) == 2 and len(engines[1].cpu_streams.split(batch)) == 1
+    for _ in range(3):
+        stats = [e.forward_backward(batch, 4) for e in engines]
+        for key in stats[1]:
+            assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-5, abs=1e-5), key
+        norms = [e.apply_update(1e-3)[0] for e in engines]
+        assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    split, whole = (dict(tree_flatten(e.models.policy.trainable_parameters())) for e in engines)
+    # Adam divides by sqrt(v): where a gradient is ~0, summation-order rounding moves a weight by a
+    # few 1e-6 (each step moves weights by up to lr = 1e-3).
+    for name, value in whole.items():
+        np.testing.assert_allclose(np.array(split[name]), np.array(value), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert int(np.array(engines[0].optimizer.state["step"])) == 3
+
+
+def test_update_spread_over_streams_refuses_a_non_finite_step(make_config):
+    engine = MLXEngine(make_config(**{"model.finetune": "full", "compute.cpu_streams": 2}))
+    assert len(engine._update.lanes) == 2
+    batch = collate(_pairs(4, seed=2), pad_id=2)
+    engine.forward_backward(batch, 4)
+    engine.apply_update(1e-3)
+    before = {k: np.array(v) for k, v in tree_flatten(engine.models.policy.trainable_parameters())}
+    state = {k: np.array(v) for k, v in tree_flatten(engine.optimizer.state)}
+    engine.forward_backward(batch, 4)
+    engine._grads = tree_map(lambda g: g * float("nan"), engine._grads)
+    norm, applied = engine.apply_update(1e-3)
+    assert not applied and not np.isfinite(norm)
+    for k, v in tree_flatten(engine.models.policy.trainable_parameters()):
+        np.testing.assert_array_equal(np.array(v), before[k])
+    for k, v in tree_flatten(engine.optimizer.state):
+        np.testing.assert_array_equal(np.array(v), state[k])
+
+
+def test_runtime_defaults_for_the_cpu():
+    from mlx_dpo import hardware
+
+    if os.uname().sysname == "Linux":
+        assert int(os.environ["MLX_BFS_MAX_WIDTH"]) >= 2000
+    hardware.keep_cpu_buffers()
+    limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(limit)
+    assert limit >= hardware._system_memory_gb() * hardware.CPU_CACHE_FRACTION * 2**30 * 0.99
