@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 START, END = "<!-- dpo-step-bench:start -->", "<!-- dpo-step-bench:end -->"
-COMMAND = ".venv/bin/python scripts/bench.py --rounds 2 --write-docs"
+
+
+def command(args: dict) -> str:
+    """The command line that made a results file."""
+    flags = [f"--rounds {args['rounds']}"] + [f"--{k}" for k in ("ablation", "scale") if args.get(k)]
+    if args.get("runners") and "trl-full" not in args["runners"]:
+        flags.insert(0, f"--runners {args['runners']}")
+    return " ".join([".venv/bin/python scripts/bench.py", *flags, "--write-docs"])
 
 
 def _fmt(v, digits=2):
@@ -82,8 +89,9 @@ def goals(results: dict) -> list[str]:
     x = ratio("mlx-dpo-lora", "mlx-lm-lora-lora", "peak_mlx_gb")
     if x is not None:
         y = ratio("mlx-dpo-lora", "mlx-lm-lora-lora", "peak_rss_gb")
-        lines.append(f"- LoRA peak memory <= 0.6x mlx-lm-lora's: {x:.2f}x by MLX's allocator peak, {y:.2f}x by "
-                     f"process peak RSS — {verdict(x <= 0.6)}")
+        lines.append(f"- LoRA peak memory <= 0.6x mlx-lm-lora's: {x:.2f}x by MLX's allocator peak — "
+                     f"{verdict(x <= 0.6)}; {y:.2f}x by process peak RSS — {verdict(y <= 0.6)} (RSS holds "
+                     "mlx-dpo's larger CPU buffer cache, see the notes below)")
     for ft in ("lora", "full"):
         r = by.get(f"mlx-dpo-{ft}")
         if r and r.get("gflops_per_s"):
@@ -145,7 +153,7 @@ def section(results: dict, earlier=None) -> str:
              f"Batch: {a['batch']} pairs per step, prompts ~{a['seq'] * 3 // 8} words, completions "
              f"~{a['seq'] // 2} words{_token_note(results)}. LoRA: rank 8, scale 20, every linear layer of "
              "every block.", "",
-             "```", f"$ {COMMAND}", "```", "",
+             "```", f"$ {command(a)}", "```", "",
              f"fp32 matmul rate measured by MLX (2048^3, OpenBLAS) before the rows and after each round: "
              f"{', '.join(f'{p:.0f}' for p in _peaks(results))} GFLOP/s; utilisation is against the highest, "
              f"{results['matmul_peak_gflops']:.1f} GFLOP/s.", "", *table(results["rows"]), "",
@@ -195,7 +203,12 @@ def extra_sections(results: dict, earlier) -> list[str]:
     return lines
 
 
-NOTES = """How to read it: compare pairs/s, the one unit every trainer shares; tokens/s is each
+NOTES = """Scale: attention's work per token grows with the context (for SmolLM2-135M roughly +5%
+of a token's matmul FLOPs at seq 256 and +18% at seq 1024), and so does its softmax, which on the
+CPU is elementwise work on one thread per stream; the per-token cost at 1024 is above the linear
+goal by more than those FLOPs explain, so that goal stays open.
+
+How to read it: compare pairs/s, the one unit every trainer shares; tokens/s is each
 trainer's own count (mlx-dpo: every real token of the 2B sequences; mlx-lm-lora: its mask sum),
 and TRL's runner does not count tokens. mlx-dpo's pairs/s is the steady-state step rate; its reference log-probs
 are computed once before training (`training.precompute_reference`), a one-off pass that
@@ -219,7 +232,8 @@ timed separately.
 Peak memory: "peak MLX GB" is MLX's allocator peak (arrays alive at once); "peak RSS GB" also
 holds MLX's buffer cache, which mlx-dpo raises on the CPU to a quarter of RAM so that a step's
 large arrays are reused rather than page-faulted in again (~5% of a LoRA step here; it costs
-RSS, not allocator peak). mlx-lm-lora keeps MLX's 32 MiB default."""
+RSS, not allocator peak). mlx-lm-lora keeps MLX's 32 MiB default; `MLX_DPO_CPU_CACHE_FRACTION=0`
+gives mlx-dpo the same."""
 
 
 def write_docs(results: dict, docs: Path, earlier=None) -> None:
