@@ -127,8 +127,11 @@ def test_evaluate_on_completion_positions_equals_full_logits(make_config):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
-def test_non_finite_gradient_leaves_weights_and_optimizer_untouched(make_config):
-    engine = _engine(make_config)
+@pytest.mark.parametrize("overrides", [{}, {"model.finetune": "full", "compute.cpu_streams": 2}],
+                         ids=["lora", "full-update-over-2-streams"])
+def test_non_finite_gradient_leaves_weights_and_optimizer_untouched(make_config, overrides):
+    engine = _engine(make_config, **overrides)
+    assert len(engine._update.lanes) == overrides.get("compute.cpu_streams", len(engine._update.lanes))
     batch = collate(_pairs(7, n=4), pad_id=2)
     engine.forward_backward(batch, 4)
     engine.apply_update(1e-3)  # a real step first, so the optimizer state is not all zeros
