@@ -111,7 +111,9 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
     mlx-lm's: None, "causal", a boolean array (True = attend) or an additive float array.
     """
     if sinks is not None or hasattr(cache, "bits") or queries.dtype != mx.float32:
-        return _ORIGINAL["attention"](queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        from mlx_lm.models import base  # only a model's own module is ever patched, never base
+
+        return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     b, heads, t, d = queries.shape
     kv_heads, s = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
@@ -132,14 +134,10 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
     return out.reshape(b, heads, t, d)
 
 
-_ORIGINAL: dict = {}
-
-
 def _targets(model) -> list[tuple[object, str, object]]:
     """(module, name, replacement) for the names in the model's module that we speed up."""
     from mlx_lm.models import activations, base
 
-    _ORIGINAL.setdefault("attention", base.scaled_dot_product_attention)
     module = sys.modules.get(type(model).__module__)
     out = []
     if getattr(module, "swiglu", None) is activations.swiglu:
