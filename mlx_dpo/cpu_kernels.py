@@ -25,10 +25,12 @@ _ACTIVE = contextvars.ContextVar("mlx_dpo_cpu_kernels", default=False)
 
 _LOG2E = 1.4426950408889634
 _ROUND = 12582912.0  # 1.5 * 2**23: adding then subtracting it rounds a float32 to an integer
-# exp2 on [-0.5, 0.5]: Cephes' coefficients, highest power first.
 _MASKED = -1e30  # a masked attention score: finite, so that the fast exp gives ~0 rather than NaN
+# exp2 on [-0.5, 0.5]: Cephes' coefficients, highest power first.
 _EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3,
               5.550332471162809e-2, 2.402264791363012e-1, 6.931472028550421e-1, 1.0)
+# The same polynomial in g = -remainder (what the kernel computes): odd powers change sign.
+_EXP2_POLY_NEG = tuple(coef * (-1) ** (6 - k) for k, coef in enumerate(_EXP2_POLY))
 
 
 def _exp_nonpositive(x: mx.array) -> mx.array:
@@ -44,7 +46,7 @@ def _exp_nonpositive(x: mx.array) -> mx.array:
     two_to_whole = (mx.maximum(whole, -126) + 127) << 23
     y = x * _LOG2E
     g = ((y + _ROUND) - _ROUND) - y  # minus the remainder, in [-0.5, 0.5]
-    c = [coef * (-1) ** (6 - k) for k, coef in enumerate(_EXP2_POLY)]  # polynomial in g = -remainder
+    c = _EXP2_POLY_NEG
     g2 = g * g
     p = (c[5] * g + c[6]) + g2 * (c[3] * g + c[4]) + (g2 * g2) * ((c[1] * g + c[2]) + c[0] * g2)
     return p * two_to_whole.view(mx.float32)
@@ -95,13 +97,9 @@ def _logsumexp_vjp(primals, cotangents, outputs):
     return (cotangents[0][..., None] * outputs[1],)
 
 
-def _fast_logsumexp(x: mx.array) -> mx.array:
-    return _logsumexp_and_softmax(x)[0]
-
-
 def logsumexp(x: mx.array) -> mx.array:
     """log-sum-exp over the last axis (float32 in): the fast one inside `installed`."""
-    return _fast_logsumexp(x) if _ACTIVE.get() else mx.logsumexp(x, axis=-1)
+    return _logsumexp_and_softmax(x)[0] if _ACTIVE.get() else mx.logsumexp(x, axis=-1)
 
 
 def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
@@ -147,14 +145,10 @@ def _targets(model) -> list[tuple[object, str, object]]:
     return out
 
 
-def wanted(enabled: bool = True) -> bool:
-    return enabled and mx.default_device() == mx.cpu
-
-
 @contextlib.contextmanager
 def installed(model, enabled: bool = True):
     """Within the block, `model`'s forward uses the fast SwiGLU, attention and log-sum-exp."""
-    if not wanted(enabled) or _ACTIVE.get():
+    if not enabled or mx.default_device() != mx.cpu or _ACTIVE.get():
         yield
         return
     targets = _targets(model)
