@@ -21,6 +21,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from . import cpu_kernels
+from .cpu_attention import CausalMask
 from .data.batching import Batch
 
 PAD_MULTIPLE = 16  # grid widths are rounded up: fewer distinct shapes, fewer mx.compile traces
@@ -184,6 +186,8 @@ class _PrefixCache:
             from .errors import UserError
             raise UserError("training.share_prompt does not support models with sliding-window attention; "
                             "set training.share_prompt: false for this model")
+        if cpu_kernels.attention_block():
+            return CausalMask(self.offset, self.left_pad)  # built block by block where it is used
         q = mx.arange(n)[:, None]
         k = mx.arange(self.offset + n)[None, :]
         causal = k <= q + self.offset

@@ -8,24 +8,27 @@ multiplies, adds and one integer shift, the same Cephes polynomial becomes a han
 elementwise kernels that `mx.compile` fuses and the C++ compiler vectorises: 2 instead of 14 ns
 per float, as accurate as MLX's own exp (tests/test_cpu_kernels.py).
 
-`installed(model)` points the model's module at the fast SwiGLU and attention for the duration of
-mlx-dpo's own forward passes (and hence the traces `mx.compile` keeps), and switches
-`logsumexp` here to the fast one; outside it, mlx-lm's own functions run untouched. It does
-nothing on Metal, where `exp` is a native instruction.
+`installed(model)` points the model's module at the fast SwiGLU and attention (cpu_attention.py,
+built on this exp) for the duration of mlx-dpo's own forward passes (and hence the traces
+`mx.compile` keeps), and switches `logsumexp` here to the fast one; outside it, mlx-lm's own
+functions run untouched. It does nothing on Metal, where `exp` is a native instruction.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import sys
+from typing import Optional
 
 import mlx.core as mx
 
 _ACTIVE = contextvars.ContextVar("mlx_dpo_cpu_kernels", default=False)
+# While the model's attention is ours: its query block (0 = none), and masks may stay symbolic.
+_ATTENTION = contextvars.ContextVar("mlx_dpo_cpu_attention", default=None)
 
 _LOG2E = 1.4426950408889634
 _ROUND = 12582912.0  # 1.5 * 2**23: adding then subtracting it rounds a float32 to an integer
-_MASKED = -1e30  # a masked attention score: finite, so that the fast exp gives ~0 rather than NaN
+MASKED = -1e30  # a masked attention score: finite, so that the fast exp gives ~0 rather than NaN
 # exp2 on [-0.5, 0.5]: Cephes' coefficients, highest power first.
 _EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3,
               5.550332471162809e-2, 2.402264791363012e-1, 6.931472028550421e-1, 1.0)
@@ -33,7 +36,7 @@ _EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3,
 _EXP2_POLY_NEG = tuple(coef * (-1) ** (6 - k) for k, coef in enumerate(_EXP2_POLY))
 
 
-def _exp_nonpositive(x: mx.array) -> mx.array:
+def fast_exp_nonpositive(x: mx.array) -> mx.array:
     """exp(x) for x <= 0; anything below -87 gives about 1e-38, not 0; NaN stays NaN.
 
     Written for MLX's fuser (at most 11 ops deep per kernel, a value used twice must be used
@@ -55,7 +58,7 @@ def _exp_nonpositive(x: mx.array) -> mx.array:
 @mx.custom_function
 def exp_nonpositive(x: mx.array) -> mx.array:
     """Differentiable exp(x) for x <= 0: the caller subtracts a maximum first."""
-    return _exp_nonpositive(x)
+    return fast_exp_nonpositive(x)
 
 
 @exp_nonpositive.vjp
@@ -64,7 +67,7 @@ def _exp_nonpositive_vjp(primals, cotangent, output):
 
 
 def _sigmoid(x: mx.array) -> mx.array:
-    e = _exp_nonpositive(-mx.abs(x))  # exp(-|x|) never overflows
+    e = fast_exp_nonpositive(-mx.abs(x))  # exp(-|x|) never overflows
     return mx.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
@@ -85,7 +88,7 @@ def _swiglu_vjp(primals, cotangent, output):
 @mx.custom_function
 def _logsumexp_and_softmax(x: mx.array):
     top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
-    e = _exp_nonpositive(x - top)
+    e = fast_exp_nonpositive(x - top)
     total = e.sum(axis=-1, keepdims=True)
     return (top + mx.log(total)).squeeze(-1), e / total
 
@@ -102,39 +105,17 @@ def logsumexp(x: mx.array) -> mx.array:
     return _logsumexp_and_softmax(x)[0] if _ACTIVE.get() else mx.logsumexp(x, axis=-1)
 
 
-def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
-    """mlx-lm's `scaled_dot_product_attention`, with the softmax on the fast exp.
-
-    Grouped-query heads share a key head through one reshape (no copy of the keys); masks are
-    mlx-lm's: None, "causal", a boolean array (True = attend) or an additive float array.
-    """
-    if sinks is not None or hasattr(cache, "bits") or queries.dtype != mx.float32:
-        from mlx_lm.models import base  # only a model's own module is ever patched, never base
-
-        return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
-    b, heads, t, d = queries.shape
-    kv_heads, s = keys.shape[1], keys.shape[2]
-    group = heads // kv_heads
-    scores = (queries * scale).reshape(b, kv_heads, group * t, d) @ keys.swapaxes(-1, -2)
-    scores = scores.reshape(b, heads, t, s)
-    if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unknown attention mask {mask!r}")
-        mask = mx.arange(s)[None, :] <= mx.arange(t)[:, None] + (s - t)
-    if mask is not None:
-        if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, _MASKED)
-        else:
-            scores = scores + mx.maximum(mask.astype(scores.dtype), _MASKED)
-    top = mx.stop_gradient(scores.max(axis=-1, keepdims=True))
-    weights = exp_nonpositive(scores - top).reshape(b, kv_heads, group * t, s)
-    out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
-    return out.reshape(b, heads, t, d)
+def attention_block() -> Optional[int]:
+    """Inside `installed`, when the model's attention is cpu_attention's: its query rows per
+    block (0: all at once); None otherwise."""
+    return _ATTENTION.get()
 
 
 def _targets(model) -> list[tuple[object, str, object]]:
     """(module, name, replacement) for the names in the model's module that we speed up."""
     from mlx_lm.models import activations, base
+
+    from .cpu_attention import attention
 
     module = sys.modules.get(type(model).__module__)
     out = []
@@ -146,14 +127,17 @@ def _targets(model) -> list[tuple[object, str, object]]:
 
 
 @contextlib.contextmanager
-def installed(model, enabled: bool = True):
-    """Within the block, `model`'s forward uses the fast SwiGLU, attention and log-sum-exp."""
+def installed(model, enabled: bool = True, attention_block: int = 128):
+    """Within the block, `model`'s forward uses the fast SwiGLU, attention and log-sum-exp;
+    causal attention in blocks of `attention_block` query rows (0: all at once)."""
     if not enabled or mx.default_device() != mx.cpu or _ACTIVE.get():
         yield
         return
     targets = _targets(model)
     saved = [(module, name, getattr(module, name)) for module, name, _ in targets]
     token = _ACTIVE.set(True)
+    ours = any(name == "scaled_dot_product_attention" for _, name, _ in targets)
+    attention_token = _ATTENTION.set(attention_block if ours else None)
     try:
         for module, name, fast in targets:
             setattr(module, name, fast)
@@ -161,4 +145,5 @@ def installed(model, enabled: bool = True):
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
+        _ATTENTION.reset(attention_token)
         _ACTIVE.reset(token)

@@ -89,6 +89,7 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     "mlx-dpo-lora/live-ref": ("mlx-dpo", "lora", {"mlx_dpo": {"precompute_reference": False}}),
     "mlx-dpo-lora/mlx-exp": ("mlx-dpo", "lora", {"mlx_dpo": {"fast_cpu_math": False}}),
     "mlx-dpo-lora/one-stream": ("mlx-dpo", "lora", {"mlx_dpo": {"cpu_streams": 1}}),
+    "mlx-dpo-lora/dense-attention": ("mlx-dpo", "lora", {"mlx_dpo": {"attention_block": 0}}),
     "mlx-dpo-full/one-stream": ("mlx-dpo", "full", {"mlx_dpo": {"cpu_streams": 1}}),
 }
 
@@ -170,7 +171,8 @@ def main() -> None:
     print(f"fp32 matmul peak (MLX, 2048^3): {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
     rows = args.runners.split(",") + (["mlx-dpo-lora/plain", "mlx-dpo-lora/no-share", "mlx-dpo-lora/no-compile",
                                        "mlx-dpo-lora/live-ref", "mlx-dpo-lora/mlx-exp", "mlx-dpo-lora/one-stream",
-                                       "mlx-dpo-full/one-stream"] if args.ablation else [])
+                                       "mlx-dpo-lora/dense-attention", "mlx-dpo-full/one-stream"]
+                                      if args.ablation else [])
     results["rows"], peaks = bench_rows(rows, args, work, model, config)
     results["matmul_peaks"] = [results["matmul_peak_gflops"], *peaks]
     # Utilisation against the best rate MLX showed in this run: the fairest ceiling on a busy machine.
@@ -218,13 +220,17 @@ def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> 
 
 def bench_scale(args, work: Path, model: Path, config: dict) -> list[dict]:
     out = []
-    for seq, batch in [(256, 2), (512, 2), (1024, 2), (256, 1), (256, 4)]:
-        print(f"scale: seq {seq}, batch {batch}", flush=True)
-        run = run_row("mlx-dpo-lora", _base_spec(args, work, model, seq, batch))
+    for seq, batch, row_name in [(256, 2, "mlx-dpo-lora"), (512, 2, "mlx-dpo-lora"), (1024, 2, "mlx-dpo-lora"),
+                                 (256, 1, "mlx-dpo-lora"), (256, 4, "mlx-dpo-lora"),
+                                 (256, 2, "mlx-dpo-lora/dense-attention"), (1024, 2, "mlx-dpo-lora/dense-attention")]:
+        print(f"scale: seq {seq}, batch {batch}, {row_name}", flush=True)
+        run = run_row(row_name, _base_spec(args, work, model, seq, batch))
         row = summarize(f"seq{seq}-b{batch}", [run], 0)
-        row.update(seq=seq, batch=batch)
+        row.update(seq=seq, batch=batch, attention="dense" if "dense" in row_name else "blocked")
         if "error" not in row:
             row["s_per_ktoken"] = row["median_s"] / (statistics.mean(run["tokens"]) / 1000)
+            flops = statistics.mean(step_flops(config, shape, "lora") for shape in run["pair_tokens"])
+            row["gflops_per_s"] = flops / row["median_s"] / 1e9
         out.append(row)
     return out
 

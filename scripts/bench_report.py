@@ -37,14 +37,20 @@ def table(rows: list[dict]) -> list[str]:
 
 def scale_goal(scale: list[dict]) -> list[str]:
     """Cost no worse than linear in tokens: seconds per 1k tokens at seq 1024 vs 256 (batch 2)."""
-    by = {r["seq"]: r for r in scale if "error" not in r and r["batch"] == 2}
+    by = {r["seq"]: r for r in scale
+          if "error" not in r and r["batch"] == 2 and r.get("attention", "blocked") == "blocked"}
     if 256 not in by or 1024 not in by:
         return []
     x = by[1024]["s_per_ktoken"] / by[256]["s_per_ktoken"]
     mid = f"; 512 -> 1024: {by[1024]['s_per_ktoken'] / by[512]['s_per_ktoken']:.2f}x" if 512 in by else ""
     ok = "**met**" if x <= 1.05 else "**not met** (within 5% counts as linear)"
-    return [f"- step cost no worse than linear in tokens up to 1024: seconds per 1k tokens at seq 1024 are "
-            f"{x:.2f}x those at seq 256{mid} — {ok}"]
+    lines = [f"- step cost no worse than linear in tokens up to 1024: seconds per 1k tokens at seq 1024 are "
+             f"{x:.2f}x those at seq 256{mid} — {ok}"]
+    if by[256].get("gflops_per_s") and by[1024].get("gflops_per_s"):
+        work = x * by[1024]["gflops_per_s"] / by[256]["gflops_per_s"]
+        lines.append(f"  (attention makes a token's matmul work {work:.2f}x larger at 1024 than at 256; the "
+                     f"matmul rate is {by[1024]['gflops_per_s']:.0f} against {by[256]['gflops_per_s']:.0f} GFLOP/s)")
+    return lines
 
 
 def one_epoch_lines(results: dict) -> list[str]:
@@ -102,13 +108,16 @@ def goals(results: dict) -> list[str]:
 
 
 def scale_table(rows: list[dict]) -> list[str]:
-    out = ["| seq (tokens) | batch (pairs) | median s/step | tokens/step | s per 1k tokens |", "|---|---|---|---|---|"]
+    out = ["| seq (tokens) | batch (pairs) | attention | median s/step | tokens/step | s per 1k tokens | GFLOP/s | "
+           "peak MLX GB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        attention = r.get("attention", "dense")
         if "error" in r:
-            out.append(f"| {r['seq']} | {r['batch']} | failed | | |")
+            out.append(f"| {r['seq']} | {r['batch']} | {attention} | failed | | | | |")
             continue
-        out.append(f"| {r['seq']} | {r['batch']} | {_fmt(r['median_s'])} | "
-                   f"{_fmt(r['tokens_per_s'] * r['median_s'], 0)} | {_fmt(r['s_per_ktoken'], 3)} |")
+        out.append(f"| {r['seq']} | {r['batch']} | {attention} | {_fmt(r['median_s'])} | "
+                   f"{_fmt(r['tokens_per_s'] * r['median_s'], 0)} | {_fmt(r['s_per_ktoken'], 3)} | "
+                   f"{_fmt(r.get('gflops_per_s'), 1)} | {_fmt(r.get('peak_mlx_gb'))} |")
     return out
 
 
@@ -129,9 +138,14 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title(f"DPO step, {Path(results['model']).name}, batch {results['args']['batch']} pairs, "
                  f"~{results['args']['seq']} tokens, fp32, {results['cpus']} CPUs", fontsize=9)
     if results["scale"]:
-        ok = [r for r in results["scale"] if "error" not in r and r["batch"] == 2]
+        ok = [r for r in results["scale"] if "error" not in r and r["batch"] == 2
+              and r.get("attention", "blocked") == "blocked"]
+        dense = [r for r in results["scale"] if "error" not in r and r["batch"] == 2 and r.get("attention") == "dense"]
         tokens = [r["tokens_per_s"] * r["median_s"] for r in ok]
         axes[1].plot(tokens, [r["median_s"] for r in ok], "o-", color="tab:green", label="measured (batch 2)")
+        if dense:
+            axes[1].plot([r["tokens_per_s"] * r["median_s"] for r in dense], [r["median_s"] for r in dense], "x",
+                         color="tab:red", label="attention_block 0 (dense)")
         if ok:
             k = ok[0]["median_s"] / tokens[0]
             axes[1].plot(tokens, [k * t for t in tokens], "--", color="tab:gray", label="linear from the first point")
