@@ -31,6 +31,10 @@ TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "o
 # Architectures whose GGUF layout maps onto an mlx-lm model type; permute: Q/K rows reordered.
 ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
 DTYPES = ("float32", "float16", "bfloat16")
+# Tensor types mx.load reads exactly (F32/F16 as stored; Q4_0/Q4_1/Q8_0 as MLX affine triples).
+# It reads others through its bundled gguflib: Q6_K rounded to float16, Q4_K wrongly (the second
+# 32 weights of every 64 get the first 32's scale and min), the rest not at all.
+MLX_EXACT_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
 
 
 def read_gguf(path: Path):
@@ -43,8 +47,10 @@ def read_gguf(path: Path):
         if f.read(4) != b"GGUF":
             raise UserError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        return mx.load(str(path), return_metadata=True)
-    except (ValueError, RuntimeError):  # a quantization type MLX does not read: the gguf package does
+        types = {t.tensor_type.name for t in _gguf_package().GGUFReader(str(path)).tensors}
+        if types <= MLX_EXACT_TYPES:
+            return mx.load(str(path), return_metadata=True)
+    except (ValueError, RuntimeError):  # other types, or a damaged file: the gguf package says which
         pass
     try:
         return _read_with_gguf_package(path), _metadata_with_gguf_package(path)
@@ -193,7 +199,13 @@ def convert(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dict:
 
 
 def load_tokenizer(gguf_path: Path):
+    import importlib.util
+
     _gguf_package()
+    if importlib.util.find_spec("torch") is None:  # transformers' GGUF reader imports torch
+        raise UserError("rebuilding the tokenizer from a GGUF file needs torch (transformers' GGUF reader "
+                        "imports it): pip install torch (on Linux, the CPU build: "
+                        "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
     from transformers import AutoTokenizer
 
     try:

@@ -167,3 +167,33 @@ def test_refuses_to_overwrite_a_model(converted, tiny_gguf):
     out, _ = converted
     result = CliRunner().invoke(main, ["convert", str(tiny_gguf[0]), str(out), "--no-check"])
     assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_k_quant_tensors_are_read_exactly(tmp_path, qtype):
+    """MLX's own GGUF reader decodes Q4_K wrongly (the second 32 weights of every 64 take the first
+    32's scale) and rounds Q6_K to float16: K-quants must come from the gguf package, bit for bit."""
+    from mlx_dpo.gguf import dequantized_tensors, read_gguf
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[kind]  # 256 weights in 144 (Q4_K) or 210 (Q6_K) bytes
+    rows, blocks = 8, 2
+    raw = np.random.default_rng(0).integers(0, 256, (rows, blocks, size), dtype=np.uint8)
+    scales = np.full((rows, blocks, 2), 0.01, dtype=np.float16).view(np.uint8)  # finite super-block scales
+    if qtype == "Q4_K":
+        raw[:, :, :4] = scales.reshape(rows, blocks, 4)  # d, dmin come first
+    else:
+        raw[:, :, -2:] = scales[..., 0:1, :].reshape(rows, blocks, 2)  # d comes last
+    path = tmp_path / f"{qtype}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.ffn_up.weight", raw.reshape(rows, blocks * size), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensors, _ = read_gguf(path)
+    want = dequantized_tensors(path)["blk.0.ffn_up.weight"]
+    got = np.array(tensors["blk.0.ffn_up.weight"], dtype=np.float32)
+    assert want.shape == got.shape == (rows, blocks * block)
+    assert np.abs(want).max() > 0.01  # real weights, not zeros
+    np.testing.assert_array_equal(got, want)

@@ -36,3 +36,7 @@ def convert(gguf_file: Path, out_dir: Path, dtype: str, check: bool, prompt: str
                    f"{report['continuation']!r}")
         click.echo(f"check: max |log-prob difference| vs the gguf package's dequantization: "
                    f"{report['max_logp_diff']:.2e} (mean NLL of the check sentence {report['mean_nll']:.3f})")
+        if report["max_logp_diff"] > 0.05:  # dequantization is exact in float32: this is a wrong weight
+            raise UserError(f"{out_dir}: the converted weights disagree with the gguf package's "
+                            f"dequantization of {gguf_file} (max |log-prob difference| "
+                            f"{report['max_logp_diff']:.2f}); please report it")
