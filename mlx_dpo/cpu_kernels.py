@@ -127,7 +127,7 @@ def _targets(model) -> list[tuple[object, str, object]]:
 
 
 @contextlib.contextmanager
-def installed(model, enabled: bool = True, attention_block: int = 128):
+def installed(model, enabled: bool = True, attention_block: int = 32):
     """Within the block, `model`'s forward uses the fast SwiGLU, attention and log-sum-exp;
     causal attention in blocks of `attention_block` query rows (0: all at once)."""
     if not enabled or mx.default_device() != mx.cpu or _ACTIVE.get():

@@ -90,15 +90,18 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     "mlx-dpo-lora/mlx-exp": ("mlx-dpo", "lora", {"mlx_dpo": {"fast_cpu_math": False}}),
     "mlx-dpo-lora/one-stream": ("mlx-dpo", "lora", {"mlx_dpo": {"cpu_streams": 1}}),
     "mlx-dpo-lora/dense-attention": ("mlx-dpo", "lora", {"mlx_dpo": {"attention_block": 0}}),
+    "mlx-dpo-lora/mlx-cache": ("mlx-dpo", "lora", {"env": {"MLX_DPO_CPU_CACHE_FRACTION": "0"}}),
     "mlx-dpo-full/one-stream": ("mlx-dpo", "full", {"mlx_dpo": {"cpu_streams": 1}}),
 }
 
 
 def run_row(name: str, base: dict) -> dict:
     runner, finetune, extra = ROWS[name]
+    extra = dict(extra)
+    env = {**os.environ, **extra.pop("env", {})}
     spec = {**base, "finetune": finetune, **extra}
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_runners.py"), runner, json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
     if proc.returncode != 0 or line is None:
         tail = (proc.stderr or proc.stdout)[-1500:]
@@ -171,7 +174,8 @@ def main() -> None:
     print(f"fp32 matmul peak (MLX, 2048^3): {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
     rows = args.runners.split(",") + (["mlx-dpo-lora/plain", "mlx-dpo-lora/no-share", "mlx-dpo-lora/no-compile",
                                        "mlx-dpo-lora/live-ref", "mlx-dpo-lora/mlx-exp", "mlx-dpo-lora/one-stream",
-                                       "mlx-dpo-lora/dense-attention", "mlx-dpo-full/one-stream"]
+                                       "mlx-dpo-lora/dense-attention", "mlx-dpo-lora/mlx-cache",
+                                       "mlx-dpo-full/one-stream"]
                                       if args.ablation else [])
     results["rows"], peaks = bench_rows(rows, args, work, model, config)
     results["matmul_peaks"] = [results["matmul_peak_gflops"], *peaks]
