@@ -150,10 +150,11 @@ class ComputeConfig:
     fast_cpu_math: bool = opt(True, "MLX on the CPU: attention softmax, SwiGLU and the LM head's log-sum-exp on "
                                     "a vectorisable exp (mlx_dpo/cpu_kernels.py; ~7x MLX's CPU exp and as "
                                     "accurate). No effect on Metal.")
-    attention_block: int = opt(32, "MLX on the CPU, with fast_cpu_math: causal attention takes this many query "
-                                    "rows at a time against the keys they can see, and recomputes their softmax "
-                                    "in the backward instead of keeping it (mlx_dpo/cpu_attention.py); 0 = all "
-                                    "rows at once, softmax kept. No effect on Metal.", min=0)
+    attention_block: int = opt(256, "MLX on the CPU, with fast_cpu_math: causal attention over long sequences "
+                                     "(a layer's queries x keys >= 1024 x 1024) takes this many query rows at a "
+                                     "time against the keys they can see, and recomputes their softmax in the "
+                                     "backward instead of keeping it (mlx_dpo/cpu_attention.py); 0 = all "
+                                     "rows at once, softmax kept. No effect on Metal.", min=0)
 
 
 @dataclass

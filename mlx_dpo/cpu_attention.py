@@ -1,13 +1,17 @@
 """Attention for MLX's CPU backend: causal query blocks, softmax recomputed in the backward.
 
-mlx-lm's attention scores every query against every key, and autodiff keeps each layer's
-(queries x keys) softmax for the backward. At 1024 tokens that is most of a step's memory (a
-LoRA step of SmolLM2-135M peaked at 8.2 GB, against 2.2 GB at 256), and the memory traffic
-grows with the square of the length. `blocked_attention` takes the queries in blocks of
+mlx-lm's attention scores every query against every key, masked ones included, and autodiff
+keeps each layer's (queries x keys) softmax for the backward, so its memory and memory traffic
+grow with the square of the length. `blocked_attention` takes the queries in blocks of
 `compute.attention_block` rows; a block is scored only against the keys it can see (its causal
 prefix: the masked upper triangle is never computed) and keeps only its output and each row's
 log-sum-exp. The backward recomputes a block's probabilities from those, as flash attention
 does; no online softmax is needed because a block's whole prefix fits in memory at these lengths.
+
+The recomputation costs a matmul and an exp per block, which the saved traffic pays for only
+on long sequences: on a LoRA step of SmolLM2-135M on 2 cores, blocks were 7% slower at 1024
+tokens and 1.25x faster (and 1 GB lighter) at 2048 (docs/benchmarks.md, scale). So layers whose
+score matrix is smaller than `BLOCKED_FROM` stay dense.
 
 Masks: mlx-lm's "causal", or a `CausalMask` (the shared-prompt path's causal mask with left
 padding, kept symbolic so that each block builds only its own slice of it).
@@ -20,6 +24,8 @@ from typing import Optional
 import mlx.core as mx
 
 from .cpu_kernels import MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive
+
+BLOCKED_FROM = 1024 * 1024  # queries x keys of a layer from which blocks pay (measured, see above)
 
 
 
@@ -137,8 +143,8 @@ def dense_attention(queries, keys, values, scale: float, mask) -> mx.array:
 
 
 def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
-    """mlx-lm's `scaled_dot_product_attention` for the CPU: blocked for causal masks, dense for
-    other masks; what this does not cover (sinks, quantized caches, half precision) goes to
+    """mlx-lm's `scaled_dot_product_attention` for the CPU: blocked for large causal masks, dense
+    otherwise; what this does not cover (sinks, quantized caches, half precision) goes to
     mlx-lm's own function."""
     t, s = queries.shape[2], keys.shape[2]
     if isinstance(mask, str):
@@ -152,7 +158,7 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
             mask = mask.array(t)
         return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     block = attention_block()
-    if isinstance(mask, CausalMask) and block:
+    if isinstance(mask, CausalMask) and block and t * s >= BLOCKED_FROM:
         return blocked_attention(queries, keys, values, scale, mask, block)
     if isinstance(mask, CausalMask):
         mask = mask.array(t)

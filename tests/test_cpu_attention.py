@@ -1,5 +1,6 @@
 """The CPU attention (mlx_dpo/cpu_attention.py) computes what MLX's attention computes, values and
-gradients, for every mask mlx-lm or the shared-prompt path hands it, in one block or many."""
+gradients, for every mask mlx-lm or the shared-prompt path hands it, in one block or many, and
+only takes blocks where they pay."""
 from __future__ import annotations
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_causal_mask_array_matches_its_definition():
                 assert bool(mask[row, 0, i, j]) == want, (row, i, j)
 
 
-def test_shared_prompt_path_with_many_blocks_equals_mlx_lm_attention(tiny_model):
+def test_shared_prompt_path_with_many_blocks_equals_mlx_lm_attention(tiny_model, monkeypatch):
     """Log-probs and gradients of the shared-prompt hot path, with mlx-dpo's attention in blocks
     of 4 (symbolic masks), equal mlx-lm's own attention on materialised masks."""
     import mlx_lm
@@ -99,6 +100,7 @@ def test_shared_prompt_path_with_many_blocks_equals_mlx_lm_attention(tiny_model)
         return [int(i) for i in rng.integers(5, 40, int(rng.integers(lo, hi)))]
 
     plan = shared_plan(collate([EncodedPair(ids(3, 30), ids(5, 25), ids(5, 25)) for _ in range(4)], pad_id=2))
+    monkeypatch.setattr(cpu_attention, "BLOCKED_FROM", 0)  # blocks at any length
 
     def loss(installed: bool):
         def fn():
@@ -113,3 +115,16 @@ def test_shared_prompt_path_with_many_blocks_equals_mlx_lm_attention(tiny_model)
     ours, theirs = dict(tree_flatten(g_ours)), dict(tree_flatten(g_mlx))
     for name in theirs:
         np.testing.assert_allclose(np.array(ours[name]), np.array(theirs[name]), rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_blocks_only_from_the_threshold(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_attention, "blocked_attention", lambda *a: calls.append(a[-1]) or a[0])
+    monkeypatch.setattr(cpu_attention, "attention_block", lambda: 8)
+    q, k, v = _qkv()
+    monkeypatch.setattr(cpu_attention, "BLOCKED_FROM", T * (OFFSET + T) + 1)
+    cpu_attention.attention(q, k, v, None, scale=0.25, mask="causal")
+    assert calls == []  # below: dense
+    monkeypatch.setattr(cpu_attention, "BLOCKED_FROM", T * (OFFSET + T))
+    cpu_attention.attention(q, k, v, None, scale=0.25, mask="causal")
+    assert calls == [8]
