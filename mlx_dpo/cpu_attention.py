@@ -9,9 +9,9 @@ log-sum-exp. The backward recomputes a block's probabilities from those, as flas
 does; no online softmax is needed because a block's whole prefix fits in memory at these lengths.
 
 The recomputation costs a matmul and an exp per block, which the saved traffic pays for only
-on long sequences: on a LoRA step of SmolLM2-135M on 2 cores, blocks were 7% slower at 1024
-tokens and 1.25x faster (and 1 GB lighter) at 2048 (docs/benchmarks.md, scale). So layers whose
-score matrix is smaller than `BLOCKED_FROM` stay dense.
+on long sequences: on a LoRA step of SmolLM2-135M on 2 cores, blocks of 256 rows were within
+run-to-run noise of dense attention at 1024 tokens and 1.15x faster (and 1 GB lighter) at 2048
+(docs/benchmarks.md). So layers whose score matrix is smaller than `BLOCKED_FROM` stay dense.
 
 Masks: mlx-lm's "causal", or a `CausalMask` (the shared-prompt path's causal mask with left
 padding, kept symbolic so that each block builds only its own slice of it).

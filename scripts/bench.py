@@ -44,7 +44,7 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every runner")
     p.add_argument("--runners", default="mlx-dpo-lora,mlx-dpo-full,mlx-lm-lora-lora,mlx-lm-lora-full,trl-full",
                    help="comma-separated rows to run")
-    p.add_argument("--scale", action="store_true", help="also time mlx-dpo LoRA at seq 256/512/1024/2048 and batch 1/2/4")
+    p.add_argument("--scale", action="store_true", help="also time mlx-dpo LoRA at seq 256/512/1024 and batch 1/2/4")
     p.add_argument("--ablation", action="store_true", help="also time mlx-dpo LoRA with each technique off")
     p.add_argument("--write-docs", action="store_true", help="write the results section of docs/benchmarks.md + PNG")
     return p.parse_args()
@@ -89,7 +89,6 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     "mlx-dpo-lora/live-ref": ("mlx-dpo", "lora", {"mlx_dpo": {"precompute_reference": False}}),
     "mlx-dpo-lora/mlx-exp": ("mlx-dpo", "lora", {"mlx_dpo": {"fast_cpu_math": False}}),
     "mlx-dpo-lora/one-stream": ("mlx-dpo", "lora", {"mlx_dpo": {"cpu_streams": 1}}),
-    "mlx-dpo-lora/dense-attention": ("mlx-dpo", "lora", {"mlx_dpo": {"attention_block": 0}}),  # scale rows only
     "mlx-dpo-lora/mlx-cache": ("mlx-dpo", "lora", {"env": {"MLX_DPO_CPU_CACHE_FRACTION": "0"}}),
     "mlx-dpo-full/one-stream": ("mlx-dpo", "full", {"mlx_dpo": {"cpu_streams": 1}}),
 }
@@ -224,13 +223,11 @@ def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> 
 
 def bench_scale(args, work: Path, model: Path, config: dict) -> list[dict]:
     out = []
-    for seq, batch, row_name in [(256, 2, "mlx-dpo-lora"), (512, 2, "mlx-dpo-lora"), (1024, 2, "mlx-dpo-lora"),
-                                 (2048, 2, "mlx-dpo-lora"), (2048, 2, "mlx-dpo-lora/dense-attention"),
-                                 (256, 1, "mlx-dpo-lora"), (256, 4, "mlx-dpo-lora")]:
-        print(f"scale: seq {seq}, batch {batch}, {row_name}", flush=True)
-        run = run_row(row_name, _base_spec(args, work, model, seq, batch))
+    for seq, batch in [(256, 2), (512, 2), (1024, 2), (256, 1), (256, 4)]:
+        print(f"scale: seq {seq}, batch {batch}", flush=True)
+        run = run_row("mlx-dpo-lora", _base_spec(args, work, model, seq, batch))
         row = summarize(f"seq{seq}-b{batch}", [run], 0)
-        row.update(seq=seq, batch=batch, attention="dense" if "dense" in row_name else "default")
+        row.update(seq=seq, batch=batch)
         if "error" not in row:
             row["s_per_ktoken"] = row["median_s"] / (statistics.mean(run["tokens"]) / 1000)
             flops = statistics.mean(step_flops(config, shape, "lora") for shape in run["pair_tokens"])
