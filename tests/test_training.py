@@ -192,7 +192,10 @@ def test_final_model_loads_with_mlx_lm(make_config, tiny_model, finetune):
 
 
 def test_gradient_checkpointing_gives_the_same_update(make_config):
-    plain, ckpt = (MLXEngine(make_config(**{"compute.gradient_checkpointing": flag})) for flag in (False, True))
+    # Checkpointing turns the shared-prompt path off, so the plain run does without it too: the
+    # two paths differ by float rounding (~1e-6 in gradients), which Adam's first step magnifies.
+    plain, ckpt = (MLXEngine(make_config(**{"compute.gradient_checkpointing": flag, "training.share_prompt": False}))
+                   for flag in (False, True))
     assert "gradient checkpointing: on (per transformer block)" in ckpt.notes
     pairs = prepare_data(plain.cfg, plain.tokenizer).train.pairs[:4]
     for engine in (plain, ckpt):
