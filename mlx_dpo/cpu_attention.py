@@ -28,7 +28,6 @@ from .cpu_kernels import MASKED, attention_block, exp_nonpositive, fast_exp_nonp
 BLOCKED_FROM = 1024 * 1024  # queries x keys of a layer from which blocks pay (measured, see above)
 
 
-
 @dataclass(frozen=True)
 class CausalMask:
     """Query i of t sees key j of offset + t when left_pad[row] <= j <= offset + i; a query that
@@ -56,12 +55,15 @@ def _grouped(x: mx.array, kv_heads: int) -> mx.array:
     return x.reshape(b, kv_heads, heads // kv_heads * t, n)
 
 
-def _scores(q_scaled: mx.array, keys: mx.array, keep: mx.array) -> mx.array:
-    """Masked scores (b, heads, t, keys) of already-scaled queries (b, heads, t, d)."""
+def _raw_scores(q_scaled: mx.array, keys: mx.array) -> mx.array:
+    """Unmasked scores (b, heads, t, keys) of already-scaled queries (b, heads, t, d)."""
     b, heads, t, _ = q_scaled.shape
-    kv_heads = keys.shape[1]
-    scores = (_grouped(q_scaled, kv_heads) @ keys.swapaxes(-1, -2)).reshape(b, heads, t, keys.shape[2])
-    return mx.where(keep, scores, MASKED)
+    return (_grouped(q_scaled, keys.shape[1]) @ keys.swapaxes(-1, -2)).reshape(b, heads, t, keys.shape[2])
+
+
+def _scores(q_scaled: mx.array, keys: mx.array, keep: mx.array) -> mx.array:
+    """Scores with the keys outside `keep` at MASKED."""
+    return mx.where(keep, _raw_scores(q_scaled, keys), MASKED)
 
 
 def _times_values(weights: mx.array, values: mx.array) -> mx.array:
@@ -129,14 +131,13 @@ def blocked_attention(queries, keys, values, scale: float, mask: CausalMask, blo
 
 
 def dense_attention(queries, keys, values, scale: float, mask) -> mx.array:
-    """All scores at once, autodiff keeping the softmax: for masks other than causal ones."""
-    b, heads, t, _ = queries.shape
-    if mask is not None:
-        mask = mask if mask.dtype == mx.bool_ else mx.maximum(mask.astype(queries.dtype), MASKED)
-    scores = _grouped(queries * scale, keys.shape[1]) @ keys.swapaxes(-1, -2)
-    scores = scores.reshape(b, heads, t, keys.shape[2])
-    if mask is not None:
-        scores = mx.where(mask, scores, MASKED) if mask.dtype == mx.bool_ else scores + mask
+    """All scores at once, autodiff keeping the softmax: short sequences and non-causal masks."""
+    if mask is not None and mask.dtype == mx.bool_:
+        scores = _scores(queries * scale, keys, mask)
+    else:
+        scores = _raw_scores(queries * scale, keys)
+        if mask is not None:  # additive: clamped so that -inf stays finite for the fast exp
+            scores = scores + mx.maximum(mask.astype(queries.dtype), MASKED)
     top = mx.stop_gradient(scores.max(axis=-1, keepdims=True))
     weights = exp_nonpositive(scores - top)
     return _times_values(weights, values) / weights.sum(axis=-1, keepdims=True)

@@ -39,8 +39,7 @@ def _mlx_dpo_config(spec: dict, opts: dict) -> dict:
                         "precompute_reference": opts.get("precompute_reference", True),
                         "reference_cache_dir": spec["cache_dir"]},
            "compute": {"compile": opts.get("compile", True), "cpu_streams": opts.get("cpu_streams", 0),
-                       "fast_cpu_math": opts.get("fast_cpu_math", True),
-                       **({"attention_block": opts["attention_block"]} if "attention_block" in opts else {})},
+                       "fast_cpu_math": opts.get("fast_cpu_math", True)},
            "logging": {"output_dir": spec["cache_dir"]}}
 
 
