@@ -5,16 +5,19 @@ The plain path runs the LM head and a vocabulary-wide log-softmax at every posit
 transformer body runs as usual, the hidden states of completion positions are gathered into
 a (2B, C) grid, and only those reach the head: C is the longest completion, not T.
 
-With `shared=True` the prompt also runs once per pair instead of twice: the B prompts go
-through the body left-padded, their keys/values are copied to the chosen and the rejected
-rows, and the 2B completions run on top of that prefix. RoPE scores depend only on position
-differences, so the left-padding shift changes nothing; pads are masked out of attention.
+With `shared=True` the prompt also runs once per pair instead of twice: each pair is one row,
+[left-padded prompt | chosen inputs | rejected inputs], and one pass of the body serves both
+completions. The rejected inputs take the positions right after the prompt (the model's RoPE is
+restarted there) and attend to the prompt and to themselves only; pads are never attended
+(cpu_attention.SharedPromptMask). RoPE scores depend only on position differences, so the
+left-padding shift changes nothing.
 
 A `Plan` is built on the host from the numpy batch (cheap index arithmetic) and feeds
 `completion_logits`; its `targets` and `weights` replace the batch's targets and mask.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cpu_kernels
-from .cpu_attention import CausalMask
+from .cpu_attention import SharedPromptMask
 from .data.batching import Batch
 
 PAD_MULTIPLE = 16  # grid widths are rounded up: fewer distinct shapes, fewer mx.compile traces
@@ -145,55 +148,79 @@ def _gathered_hidden(body, inputs: mx.array, flat_index: mx.array) -> mx.array:
 
 
 def _shared_hidden(body, prompts: mx.array, left_pad: mx.array, continuation: mx.array) -> mx.array:
-    caches = [_PrefixCache(left_pad) for _ in body.layers]
-    prompt_hidden = body(prompts, cache=caches)
-    for cache in caches:
-        cache.fork(prompts.shape[1])
-    # Left padding puts every prompt's last token in the last column.
-    last = mx.concatenate([prompt_hidden[:, -1:]] * 2, axis=0)
-    return mx.concatenate([last, body(continuation, cache=caches)], axis=1)
+    """One row per pair, [prompt | chosen inputs | rejected inputs], in a single pass of the body:
+    every weight multiplies one (pair, tokens) block instead of a prompt block and a
+    continuation block (on 2 CPU cores, measured: the same matmuls at 1.4x the rate)."""
+    b, p = prompts.shape
+    split = p + continuation.shape[1]  # the rejected inputs start here; their positions at p
+    inputs = mx.concatenate([prompts, continuation[:b], continuation[b:]], axis=1)
+    mask = SharedPromptMask(p, split, left_pad)
+    with _rope_restarting(body, split, p):
+        hidden = body(inputs, cache=[_MaskCache(mask)] * len(body.layers))
+    # The prompt's last token predicts the first token of both completions.
+    chosen = hidden[:, p - 1:split]
+    rejected = mx.concatenate([hidden[:, p - 1:p], hidden[:, split:]], axis=1)
+    return mx.concatenate([chosen, rejected], axis=0)
 
 
-class _PrefixCache:
-    """Enough of mlx-lm's KV-cache interface to run a shared prompt, then its continuations.
+def _attention_modules(body) -> Optional[list]:
+    """Each layer's attention module, when every one applies RoPE through a `rope` attribute
+    (what _rope_restarting relies on); None otherwise."""
+    out = []
+    for layer in getattr(body, "layers", None) or []:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not callable(getattr(attn, "rope", None)):
+            return None
+        out.append(attn)
+    return out or None
 
-    Phase 1 (prompts, B rows): offset 0, keys kept. fork(): keys copied to 2B rows (chosen
-    block, then rejected block) and offset set to the prompt width. Phase 2: continuation
-    keys are appended. Unlike a generation cache it keeps the graph, so gradients flow
-    back into the prompt's keys and values.
-    """
 
-    def __init__(self, left_pad: mx.array):
-        self.left_pad = left_pad
-        self.keys = self.values = None
-        self.offset = 0
+def can_share_prompt(model) -> bool:
+    parts = split_model(model)
+    return parts is not None and _attention_modules(parts[0]) is not None
 
-    def fork(self, width: int) -> None:
-        self.keys = mx.concatenate([self.keys] * 2, axis=0)
-        self.values = mx.concatenate([self.values] * 2, axis=0)
-        self.left_pad = mx.concatenate([self.left_pad] * 2, axis=0)
-        self.offset = width
+
+class _RestartedRope:
+    """The model's RoPE, with positions restarting at `restart` from column `split` on."""
+
+    def __init__(self, rope, split: int, restart: int):
+        self.rope, self.split, self.restart = rope, split, restart
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        head = self.rope(x[..., :self.split, :], offset=offset)
+        tail = self.rope(x[..., self.split:, :], offset=offset + self.restart)
+        return mx.concatenate([head, tail], axis=-2)
+
+
+@contextlib.contextmanager
+def _rope_restarting(body, split: int, restart: int):
+    # An instance attribute shadows the module's child without touching its parameter tree.
+    modules = _attention_modules(body)
+    for attn in modules:
+        object.__setattr__(attn, "rope", _RestartedRope(attn.rope, split, restart))
+    try:
+        yield
+    finally:
+        for attn in modules:
+            del attn.__dict__["rope"]
+
+
+class _MaskCache:
+    """Enough of mlx-lm's KV-cache interface to hand every layer the shared-prompt mask: keys and
+    values pass through (nothing is cached; the graph stays whole for the backward)."""
+
+    offset = 0
+
+    def __init__(self, mask: SharedPromptMask):
+        self.mask = mask
 
     def update_and_fetch(self, keys, values):
-        if self.offset == 0:
-            self.keys, self.values = keys, values
-            return keys, values
-        return (mx.concatenate([self.keys, keys], axis=2),
-                mx.concatenate([self.values, values], axis=2))
+        return keys, values
 
-    def make_mask(self, n: int, return_array: bool = False, window_size=None) -> mx.array:
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
         if window_size is not None:
             from .errors import UserError
             raise UserError("training.share_prompt does not support models with sliding-window attention; "
                             "set training.share_prompt: false for this model")
-        if cpu_kernels.attention_block():
-            return CausalMask(self.offset, self.left_pad)  # built block by block where it is used
-        q = mx.arange(n)[:, None]
-        k = mx.arange(self.offset + n)[None, :]
-        causal = k <= q + self.offset
-        real = k >= self.left_pad[:, None, None]  # (rows, 1, keys): pads are never attended
-        mask = causal & real
-        if self.offset == 0:
-            # A pad query would see no key at all (a NaN softmax row): let it see itself.
-            mask = mask | (k == q)
-        return mask[:, None]
+        # cpu_attention takes the mask symbolically; any other attention gets it as an array.
+        return self.mask if cpu_kernels.attention_block() is not None else self.mask.array(n)

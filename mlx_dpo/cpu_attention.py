@@ -49,6 +49,24 @@ class CausalMask:
         return self.keep(0, queries, self.offset + queries)
 
 
+@dataclass(frozen=True)
+class SharedPromptMask:
+    """A shared-prompt row, [prompt | chosen | rejected] (completion.py): prompt and chosen
+    queries see their causal prefix; rejected queries (from column `split` on) see the first
+    `prompt` columns and their own causal prefix, never the chosen columns; left pads are never
+    seen. It is two causal attentions side by side, and is computed as such."""
+    prompt: int
+    split: int
+    left_pad: mx.array  # (rows,) int32 pads before each row's prompt
+
+    def array(self, t: int) -> mx.array:
+        """Boolean (rows, 1, t, t), for attentions that take a mask array."""
+        query = mx.arange(t)[:, None]
+        key = mx.arange(t)[None, :]
+        keep = (key <= query) & ((key < self.prompt) | (key >= self.split) | (query < self.split))
+        return ((keep & (key >= self.left_pad[:, None, None])) | (key == query))[:, None]
+
+
 def _grouped(x: mx.array, kv_heads: int) -> mx.array:
     """(b, heads, t, n) -> (b, kv_heads, group * t, n): the heads sharing a key head, stacked."""
     b, heads, t, n = x.shape
@@ -155,12 +173,28 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
     if sinks is not None or hasattr(cache, "bits") or queries.dtype != mx.float32:
         from mlx_lm.models import base  # only a model's own module is ever patched, never base
 
-        if isinstance(mask, CausalMask):
+        if isinstance(mask, (CausalMask, SharedPromptMask)):
             mask = mask.array(t)
         return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    if isinstance(mask, SharedPromptMask):
+        return _shared_prompt_attention(queries, keys, values, cache, scale, mask)
     block = attention_block()
     if isinstance(mask, CausalMask) and block and t * s >= BLOCKED_FROM:
         return blocked_attention(queries, keys, values, scale, mask, block)
     if isinstance(mask, CausalMask):
         mask = mask.array(t)
     return dense_attention(queries, keys, values, scale, mask)
+
+
+def _shared_prompt_attention(queries, keys, values, cache, scale: float, mask: SharedPromptMask) -> mx.array:
+    """The prompt and chosen columns attend causally among themselves; the rejected columns attend
+    to the prompt's keys and their own, causally after the prompt: each part as `attention` does
+    it (dense or blocked), so no score between rejected and chosen tokens is ever computed."""
+    s, p = mask.split, mask.prompt
+    first = attention(queries[:, :, :s], keys[:, :, :s], values[:, :, :s], cache, scale,
+                      CausalMask(0, mask.left_pad))
+    rejected_keys = mx.concatenate([keys[:, :, :p], keys[:, :, s:]], axis=2)
+    rejected_values = mx.concatenate([values[:, :, :p], values[:, :, s:]], axis=2)
+    second = attention(queries[:, :, s:], rejected_keys, rejected_values, cache, scale,
+                       CausalMask(p, mask.left_pad))
+    return mx.concatenate([first, second], axis=2)

@@ -85,6 +85,28 @@ def test_plans_refuse_what_they_cannot_represent():
     assert packed_plan(batch) is None
 
 
+def test_shared_prompt_forward_leaves_the_model_as_it_was(model):
+    """The shared path restarts RoPE by shadowing each attention's `rope` for one forward only."""
+    attn = model.model.layers[0].self_attn
+    rope, names = attn.rope, [k for k, _ in tree_flatten(model.parameters())]
+    plan = shared_plan(collate(_pairs(6), pad_id=2))
+    mx.eval(_plan_logps(model, plan))
+    assert attn.rope is rope and "rope" not in vars(attn)
+    assert [k for k, _ in tree_flatten(model.parameters())] == names
+
+
+def test_shared_prompt_needs_a_rope_attribute(make_config, monkeypatch):
+    """A model whose attention applies RoPE some other way runs each sequence whole instead."""
+    from mlx_dpo import completion
+
+    engine = _engine(make_config, **{"training.share_prompt": True})
+    assert engine.fast.shared and completion.can_share_prompt(engine.models.policy)
+    monkeypatch.setattr(completion, "_attention_modules", lambda body: None)
+    engine = _engine(make_config, **{"training.share_prompt": True})
+    assert not engine.fast.shared
+    assert engine.fast.plan(collate(_pairs(7), pad_id=2)).shared is False
+
+
 def _engine(make_config, **overrides):
     return MLXEngine(make_config(**overrides))
 

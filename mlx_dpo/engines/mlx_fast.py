@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..completion import Plan, completion_logits, make_plan, split_model
+from ..completion import Plan, can_share_prompt, completion_logits, make_plan, split_model
 from ..data.batching import Batch
 from ..logprobs import sequence_logps
 from ..models import adapters_disabled
@@ -29,8 +29,10 @@ class FastPath:
         policy = engine.models.policy
         self.enabled = split_model(policy) is not None and (
             engine.models.reference is None or split_model(engine.models.reference) is not None)
-        # mx.checkpoint wraps each block's call and cannot carry the shared-prompt KV caches.
-        self.shared = cfg.training.share_prompt and not cfg.compute.gradient_checkpointing
+        # mx.checkpoint takes arrays only, not the shared-prompt mask and cache objects.
+        models = [policy] + ([engine.models.reference] if engine.models.reference is not None else [])
+        self.shared = (cfg.training.share_prompt and not cfg.compute.gradient_checkpointing
+                       and self.enabled and all(can_share_prompt(m) for m in models))
         self.compile = cfg.compute.compile
         self._grad = nn.value_and_grad(policy, self._loss)
         self._compiled: dict = {}
