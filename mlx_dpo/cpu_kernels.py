@@ -10,7 +10,7 @@ per float, as accurate as MLX's own exp (tests/test_cpu_kernels.py).
 
 `installed(model)` points the model's module at the fast SwiGLU and attention (cpu_attention.py,
 built on this exp) for the duration of mlx-dpo's own forward passes (and hence the traces
-`mx.compile` keeps), and switches `logsumexp` here to the fast one; outside it, mlx-lm's own
+`mx.compile` keeps), and switches `target_logps` here to the fast one; outside it, mlx-lm's own
 functions run untouched. It does nothing on Metal, where `exp` is a native instruction.
 """
 from __future__ import annotations
@@ -90,23 +90,34 @@ def _swiglu_vjp(primals, cotangent, output):
 
 
 @mx.custom_function
-def _logsumexp_and_softmax(x: mx.array):
-    top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
-    e = fast_exp_nonpositive(x - top)
-    total = e.sum(axis=-1, keepdims=True)
-    return (top + mx.log(total)).squeeze(-1), e / total
+def _target_logps(logits: mx.array, targets: mx.array):
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    lse = (top + mx.log(fast_exp_nonpositive(logits - top).sum(axis=-1, keepdims=True))).squeeze(-1)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    return picked - lse, lse
 
 
-@_logsumexp_and_softmax.vjp
-def _logsumexp_vjp(primals, cotangents, outputs):
-    # The softmax is an output of the forward, kept for this: the backward needs one array of
-    # vocabulary width, not the logits plus a recomputed exp (measured: less peak memory, no exp).
-    return (cotangents[0][..., None] * outputs[1],)
+@_target_logps.vjp
+def _target_logps_vjp(primals, cotangents, outputs):
+    # d logp / d logits = onehot(target) - softmax, d lse / d logits = softmax: one fused pass over
+    # the vocabulary that recomputes the softmax from the kept log-partition. Autodiff would keep
+    # the softmax from the forward and scatter the target's gradient into a zeroed
+    # vocabulary-wide array, then add the two (measured: more peak memory, three more passes).
+    logits, targets = primals
+    d_logp, d_lse = cotangents
+    probs = fast_exp_nonpositive(logits - outputs[1][..., None])
+    target = mx.arange(logits.shape[-1]) == targets[..., None]
+    d_logits = mx.where(target, d_logp[..., None], 0.0) + (d_lse - d_logp)[..., None] * probs
+    return d_logits, mx.zeros_like(targets)
 
 
-def logsumexp(x: mx.array) -> mx.array:
-    """log-sum-exp over the last axis (float32 in): the fast one inside `installed`."""
-    return _logsumexp_and_softmax(x)[0] if _ACTIVE.get() else mx.logsumexp(x, axis=-1)
+def target_logps(logits: mx.array, targets: mx.array) -> mx.array:
+    """log softmax(logits)[target] over the last axis (float32 logits): the fast one inside
+    `installed`."""
+    if _ACTIVE.get():
+        return _target_logps(logits, targets)[0]
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    return picked - mx.logsumexp(logits, axis=-1)
 
 
 def attention_block() -> Optional[int]:

@@ -11,8 +11,7 @@ from . import cpu_kernels
 
 def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """log p(target) at every position, (N, T): the target logit minus the log-partition."""
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return picked.astype(mx.float32) - cpu_kernels.logsumexp(logits.astype(mx.float32))
+    return cpu_kernels.target_logps(logits.astype(mx.float32), targets)
 
 
 def sequence_logps(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:

@@ -48,17 +48,32 @@ def test_swiglu_equals_mlx_lm_values_and_gradients():
         np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-5)
 
 
-def test_logsumexp_equals_mlx_and_is_fast_only_inside_installed(tiny_model):
+def test_target_logps_equal_mlx_and_are_fast_only_inside_installed(tiny_model):
     import mlx_lm
 
     x = mx.random.normal((3, 5, 700), key=mx.random.key(8)) * 6
+    targets = mx.random.randint(0, 700, (3, 5), key=mx.random.key(9))
+    weights = mx.arange(15).reshape(3, 5) - 6.0  # cotangents of both signs
+
+    def loss(a):
+        return (cpu_kernels.target_logps(a, targets) * weights).sum()
+
+    def native(a):
+        log_softmax = a - mx.logsumexp(a, axis=-1, keepdims=True)
+        return (mx.take_along_axis(log_softmax, targets[..., None], axis=-1).squeeze(-1) * weights).sum()
+
     with cpu_kernels.installed(mlx_lm.load(str(tiny_model))[0]):
-        fast = cpu_kernels.logsumexp(x)
-        fast_grad = mx.grad(lambda a: (cpu_kernels.logsumexp(a) * mx.arange(5)).sum())(x)
-    np.testing.assert_allclose(np.array(fast), np.array(mx.logsumexp(x, axis=-1)), rtol=1e-6)
-    native_grad = mx.grad(lambda a: (mx.logsumexp(a, axis=-1) * mx.arange(5)).sum())(x)
-    np.testing.assert_allclose(np.array(fast_grad), np.array(native_grad), atol=1e-6)
+        fast, fast_grad = mx.value_and_grad(loss)(x)
+        # the log-partition output's own gradient (softmax) is right too
+        lse_grad = mx.grad(lambda a: cpu_kernels._target_logps(a, targets)[1].sum())(x)
+    native_value, native_grad = mx.value_and_grad(native)(x)
+    np.testing.assert_allclose(float(fast), float(native_value), rtol=1e-6)
+    np.testing.assert_allclose(np.array(fast_grad), np.array(native_grad), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(lse_grad), np.array(mx.softmax(x, axis=-1)), atol=1e-6)
+    assert float(mx.abs(native_grad).max()) > 0.5
     assert not cpu_kernels._ACTIVE.get()
+    outside, _ = mx.value_and_grad(loss)(x)  # MLX's own ops outside `installed`
+    np.testing.assert_allclose(float(outside), float(native_value), rtol=1e-6)
 
 
 def test_installed_swaps_the_model_module_only_inside_and_keeps_logits(tiny_model):
