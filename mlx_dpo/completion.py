@@ -17,7 +17,6 @@ A `Plan` is built on the host from the numpy batch (cheap index arithmetic) and 
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -154,9 +153,9 @@ def _shared_hidden(body, prompts: mx.array, left_pad: mx.array, continuation: mx
     b, p = prompts.shape
     split = p + continuation.shape[1]  # the rejected inputs start here; their positions at p
     inputs = mx.concatenate([prompts, continuation[:b], continuation[b:]], axis=1)
-    mask = SharedPromptMask(p, split, left_pad)
-    with _rope_restarting(body, split, p):
-        hidden = body(inputs, cache=[_MaskCache(mask)] * len(body.layers))
+    cache = _MaskCache(SharedPromptMask(p, split, left_pad), _RestartOffset(split, p))
+    _make_rope_restartable(body)
+    hidden = body(inputs, cache=[cache] * len(body.layers))
     # The prompt's last token predicts the first token of both completions.
     chosen = hidden[:, p - 1:split]
     rejected = mx.concatenate([hidden[:, p - 1:p], hidden[:, split:]], axis=1)
@@ -165,7 +164,7 @@ def _shared_hidden(body, prompts: mx.array, left_pad: mx.array, continuation: mx
 
 def _attention_modules(body) -> Optional[list]:
     """Each layer's attention module, when every one applies RoPE through a `rope` attribute
-    (what _rope_restarting relies on); None otherwise."""
+    given `cache.offset` (what _RestartableRope relies on); None otherwise."""
     out = []
     for layer in getattr(body, "layers", None) or []:
         attn = getattr(layer, "self_attn", None)
@@ -180,39 +179,45 @@ def can_share_prompt(model) -> bool:
     return parts is not None and _attention_modules(parts[0]) is not None
 
 
-class _RestartedRope:
-    """The model's RoPE, with positions restarting at `restart` from column `split` on."""
+class _RestartOffset(int):
+    """The shared-prompt row's `cache.offset`: 0, and where RoPE positions restart (column
+    `split` gets position `restart`). It travels with the cache, so a block that
+    gradient checkpointing recomputes in the backward gets the same positions."""
 
-    def __init__(self, rope, split: int, restart: int):
-        self.rope, self.split, self.restart = rope, split, restart
+    def __new__(cls, split: int, restart: int):
+        offset = super().__new__(cls, 0)
+        offset.split, offset.restart = split, restart
+        return offset
+
+
+class _RestartableRope:
+    """The model's RoPE; given a _RestartOffset, positions restart at its column. Any other
+    offset goes straight through, so it can stay on the model."""
+
+    def __init__(self, rope):
+        self.rope = rope
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
-        head = self.rope(x[..., :self.split, :], offset=offset)
-        tail = self.rope(x[..., self.split:, :], offset=offset + self.restart)
+        if not isinstance(offset, _RestartOffset):
+            return self.rope(x, offset=offset)
+        head = self.rope(x[..., :offset.split, :], offset=0)
+        tail = self.rope(x[..., offset.split:, :], offset=offset.restart)
         return mx.concatenate([head, tail], axis=-2)
 
 
-@contextlib.contextmanager
-def _rope_restarting(body, split: int, restart: int):
+def _make_rope_restartable(body) -> None:
     # An instance attribute shadows the module's child without touching its parameter tree.
-    modules = _attention_modules(body)
-    for attn in modules:
-        object.__setattr__(attn, "rope", _RestartedRope(attn.rope, split, restart))
-    try:
-        yield
-    finally:
-        for attn in modules:
-            del attn.__dict__["rope"]
+    for attn in _attention_modules(body):
+        if not isinstance(vars(attn).get("rope"), _RestartableRope):
+            object.__setattr__(attn, "rope", _RestartableRope(attn.rope))
 
 
 class _MaskCache:
     """Enough of mlx-lm's KV-cache interface to hand every layer the shared-prompt mask: keys and
     values pass through (nothing is cached; the graph stays whole for the backward)."""
 
-    offset = 0
-
-    def __init__(self, mask: SharedPromptMask):
-        self.mask = mask
+    def __init__(self, mask: SharedPromptMask, offset: _RestartOffset):
+        self.mask, self.offset = mask, offset
 
     def update_and_fetch(self, keys, values):
         return keys, values

@@ -80,7 +80,8 @@ class TrainingConfig:
     reference_cache_dir: Optional[str] = opt(None, "Where cached reference log-probs live. Default: "
                                                    "$MLX_DPO_CACHE_DIR/reference-logps, else ~/.cache/mlx-dpo/reference-logps.")
     share_prompt: bool = opt(True, "Run each pair's prompt once for chosen and rejected (same log-probs, "
-                                   "less compute; off with gradient checkpointing).")
+                                   "less compute; models whose attention has no RoPE `rope` module run each "
+                                   "sequence whole).")
 
 
 @dataclass

@@ -108,12 +108,14 @@ def checkpoint_layer(layer: nn.Module) -> None:
     base = type(layer)
     call = base.__call__
 
-    def checkpointed(self, *args, **kwargs):
-        def inner(params, *args, **kwargs):
+    def checkpointed(self, x, *args, **kwargs):
+        # Only the parameters and the hidden states go through mx.checkpoint (it takes arrays);
+        # the mask and the cache, which need no gradient, are closed over.
+        def inner(params, x):
             self.update(params)
-            return call(self, *args, **kwargs)
+            return call(self, x, *args, **kwargs)
 
-        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
     layer.__class__ = type(f"Checkpointed{base.__name__}", (base,), {"__call__": checkpointed})
 

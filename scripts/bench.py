@@ -91,6 +91,9 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     "mlx-dpo-lora/one-stream": ("mlx-dpo", "lora", {"mlx_dpo": {"cpu_streams": 1}}),
     "mlx-dpo-lora/mlx-cache": ("mlx-dpo", "lora", {"env": {"MLX_DPO_CPU_CACHE_FRACTION": "0"}}),
     "mlx-dpo-full/one-stream": ("mlx-dpo", "full", {"mlx_dpo": {"cpu_streams": 1}}),
+    # the memory setting each trainer offers, on both
+    "mlx-dpo-lora/checkpointing": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True}}),
+    "mlx-lm-lora-lora/checkpointing": ("mlx-lm-lora", "lora", {"mlx_lm_lora": {"grad_checkpoint": True}}),
 }
 
 
@@ -174,7 +177,8 @@ def main() -> None:
     rows = args.runners.split(",") + (["mlx-dpo-lora/plain", "mlx-dpo-lora/no-share", "mlx-dpo-lora/no-compile",
                                        "mlx-dpo-lora/live-ref", "mlx-dpo-lora/mlx-exp", "mlx-dpo-lora/one-stream",
                                        "mlx-dpo-lora/mlx-cache",
-                                       "mlx-dpo-full/one-stream"]
+                                       "mlx-dpo-full/one-stream", "mlx-dpo-lora/checkpointing",
+                                       "mlx-lm-lora-lora/checkpointing"]
                                       if args.ablation else [])
     results["rows"], peaks = bench_rows(rows, args, work, model, config)
     results["matmul_peaks"] = [results["matmul_peak_gflops"], *peaks]

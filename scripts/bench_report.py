@@ -97,6 +97,12 @@ def goals(results: dict) -> list[str]:
         lines.append(f"- LoRA peak memory <= 0.6x mlx-lm-lora's: {x:.2f}x by MLX's allocator peak — "
                      f"{verdict(x <= 0.6)}; {y:.2f}x by process peak RSS — {verdict(y <= 0.6)} (RSS holds "
                      "mlx-dpo's larger CPU buffer cache, see the notes below)")
+    x = ratio("mlx-dpo-lora/checkpointing", "mlx-lm-lora-lora/checkpointing", "peak_mlx_gb")
+    if x is not None:
+        y = ratio("mlx-dpo-lora/checkpointing", "mlx-lm-lora-lora/checkpointing", "peak_rss_gb")
+        z = ratio("mlx-dpo-lora/checkpointing", "mlx-lm-lora-lora/checkpointing", "pairs_per_s")
+        lines.append(f"- (both with gradient checkpointing, LoRA: memory {x:.2f}x by allocator peak, {y:.2f}x by "
+                     f"RSS; pairs/s {z:.2f}x)")
     for ft in ("lora", "full"):
         r = by.get(f"mlx-dpo-{ft}")
         if r and r.get("gflops_per_s"):
@@ -200,10 +206,11 @@ def extra_sections(results: dict, earlier) -> list[str]:
     rows = {r["row"]: r for r in src["rows"]}
     ablation = [r for r in src["rows"] if "/" in r["row"] and r["row"].split("/")[0] in rows]
     if ablation:
-        lines += ["Ablation (one technique off per row, against the row before the slash):", "",
-                  *table([r for r in (rows.get("mlx-dpo-lora"), rows.get("mlx-dpo-full"), *ablation) if r]), ""]
-        lines += [f"- `{r['row']}`: {rows[r['row'].split('/')[0]]['pairs_per_s'] / r['pairs_per_s']:.2f}x "
-                  "slower than with everything on" for r in ablation if "error" not in r] + [""]
+        bases = [rows.get(name) for name in dict.fromkeys(r["row"].split("/")[0] for r in ablation)]
+        lines += ["Ablation and variants (one setting changed per row, against the row before the slash):", "",
+                  *table([r for r in (*bases, *ablation) if r]), ""]
+        lines += [f"- `{r['row']}`: step time {rows[r['row'].split('/')[0]]['pairs_per_s'] / r['pairs_per_s']:.2f}x "
+                  f"that of `{r['row'].split('/')[0]}`" for r in ablation if "error" not in r] + [""]
     if src["scale"]:
         lines += ["Scale (mlx-dpo LoRA; linear cost means constant seconds per 1k tokens):", "",
                   *scale_table(src["scale"]), ""]
@@ -235,7 +242,9 @@ Rows with a slash switch one technique off: `plain` is the full-logits path with
 reference, no shared prompt, no compile, MLX's own exp and one CPU stream; `mlx-exp` uses
 MLX's `exp` instead of mlx-dpo's CPU kernels (`compute.fast_cpu_math`); `one-stream` runs the
 micro-batch on one CPU stream (`compute.cpu_streams: 1`); `mlx-cache` keeps MLX's default CPU
-buffer cache (`MLX_DPO_CPU_CACHE_FRACTION=0`). Every technique is on by default and
+buffer cache (`MLX_DPO_CPU_CACHE_FRACTION=0`); `checkpointing` turns on each trainer's gradient
+checkpointing (mlx-dpo: `compute.gradient_checkpointing`, every block; mlx-lm-lora: its
+`grad_checkpoint`, which wraps the model's block class). Every technique is on by default and
 has an exactness test (tests/test_perf_*.py, tests/test_cpu_kernels.py, tests/test_cpu_attention.py,
 tests/test_cpu_streams.py).
 Length-grouped batches padded to a multiple of 16 come from the core batching and were not

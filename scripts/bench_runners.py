@@ -39,7 +39,8 @@ def _mlx_dpo_config(spec: dict, opts: dict) -> dict:
                         "precompute_reference": opts.get("precompute_reference", True),
                         "reference_cache_dir": spec["cache_dir"]},
            "compute": {"compile": opts.get("compile", True), "cpu_streams": opts.get("cpu_streams", 0),
-                       "fast_cpu_math": opts.get("fast_cpu_math", True)},
+                       "fast_cpu_math": opts.get("fast_cpu_math", True),
+                       "gradient_checkpointing": opts.get("gradient_checkpointing", False)},
            "logging": {"output_dir": spec["cache_dir"]}}
 
 
@@ -132,6 +133,7 @@ def run_mlx_lm_lora(spec: dict) -> dict:
     args = DPOTrainingArgs(batch_size=spec["batch"], iters=spec["warmup"] + spec["steps"], steps_per_report=1,
                            steps_per_eval=10**9, steps_per_save=10**9,
                            max_seq_length=spec["max_prompt"] + spec["max_completion"] + 64,
+                           grad_checkpoint=spec.get("mlx_lm_lora", {}).get("grad_checkpoint", False),
                            adapter_file=str(Path(spec["cache_dir"]) / "mlx_lm_lora_adapters.safetensors"))
     mx.reset_peak_memory()
     train_dpo(model, ref_model, optim.AdamW(learning_rate=spec["lr"]), dataset, None, args,

@@ -29,10 +29,8 @@ class FastPath:
         policy = engine.models.policy
         self.enabled = split_model(policy) is not None and (
             engine.models.reference is None or split_model(engine.models.reference) is not None)
-        # mx.checkpoint takes arrays only, not the shared-prompt mask and cache objects.
         models = [policy] + ([engine.models.reference] if engine.models.reference is not None else [])
-        self.shared = (cfg.training.share_prompt and not cfg.compute.gradient_checkpointing
-                       and self.enabled and all(can_share_prompt(m) for m in models))
+        self.shared = cfg.training.share_prompt and self.enabled and all(can_share_prompt(m) for m in models)
         self.compile = cfg.compute.compile
         self._grad = nn.value_and_grad(policy, self._loss)
         self._compiled: dict = {}
