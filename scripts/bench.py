@@ -94,6 +94,9 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     # the memory setting each trainer offers, on both
     "mlx-dpo-lora/checkpointing": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True}}),
     "mlx-lm-lora-lora/checkpointing": ("mlx-lm-lora", "lora", {"mlx_lm_lora": {"grad_checkpoint": True}}),
+    # mlx-dpo's lowest-memory setting: checkpointing and MLX's default CPU buffer cache
+    "mlx-dpo-lora/low-memory": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True},
+                                                    "env": {"MLX_DPO_CPU_CACHE_FRACTION": "0"}}),
 }
 
 
@@ -178,7 +181,7 @@ def main() -> None:
                                        "mlx-dpo-lora/live-ref", "mlx-dpo-lora/mlx-exp", "mlx-dpo-lora/one-stream",
                                        "mlx-dpo-lora/mlx-cache",
                                        "mlx-dpo-full/one-stream", "mlx-dpo-lora/checkpointing",
-                                       "mlx-lm-lora-lora/checkpointing"]
+                                       "mlx-lm-lora-lora/checkpointing", "mlx-dpo-lora/low-memory"]
                                       if args.ablation else [])
     results["rows"], peaks = bench_rows(rows, args, work, model, config)
     results["matmul_peaks"] = [results["matmul_peak_gflops"], *peaks]
