@@ -148,8 +148,8 @@ def _gathered_hidden(body, inputs: mx.array, flat_index: mx.array) -> mx.array:
 
 def _shared_hidden(body, prompts: mx.array, left_pad: mx.array, continuation: mx.array) -> mx.array:
     """One row per pair, [prompt | chosen inputs | rejected inputs], in a single pass of the body:
-    every weight multiplies one (pair, tokens) block instead of a prompt block and a
-    continuation block (on 2 CPU cores, measured: the same matmuls at 1.4x the rate)."""
+    each weight takes part in one larger matmul instead of a prompt one and a continuation one,
+    and no key or value is copied between them."""
     b, p = prompts.shape
     split = p + continuation.shape[1]  # the rejected inputs start here; their positions at p
     inputs = mx.concatenate([prompts, continuation[:b], continuation[b:]], axis=1)
