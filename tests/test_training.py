@@ -191,8 +191,10 @@ def test_final_model_loads_with_mlx_lm(make_config, tiny_model, finetune):
     assert np.allclose(np.array(model(tokens)), np.array(engine.models.policy(tokens)), atol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_update(make_config):
-    plain, ckpt = (MLXEngine(make_config(**{"compute.gradient_checkpointing": flag, "training.share_prompt": True}))
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_update(make_config, finetune):
+    plain, ckpt = (MLXEngine(make_config(**{"compute.gradient_checkpointing": flag, "training.share_prompt": True,
+                                            "model.finetune": finetune}))
                    for flag in (False, True))
     assert "gradient checkpointing: on (per transformer block)" in ckpt.notes
     assert ckpt.fast.shared  # the shared prompt's mask and cache pass through mx.checkpoint
