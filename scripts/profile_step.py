@@ -30,7 +30,8 @@ CATEGORIES = [  # (name, test on (shared object, symbol)), first match wins
     ("OpenBLAS GEMM kernel", lambda dso, sym: "sgemm_kernel" in sym),
     ("OpenBLAS packing and other GEMM paths", lambda dso, sym: "openblas" in dso),
     ("memset", lambda dso, sym: "memset" in sym),
-    ("MLX compiled (fused) elementwise kernels", lambda dso, sym: dso.startswith("lib") and "_f4" in sym),
+    # mx.compile's kernels: a shared object per kernel, named after it (lib<kernel name>.so)
+    ("MLX compiled (fused) elementwise kernels", lambda dso, sym: dso.startswith("lib") and sym[:12] in dso),
     ("MLX elementwise ops", lambda dso, sym: "libmlx" in dso and ("binary_op" in sym or "unary_op" in sym
                                                                  or "ternary_op" in sym)),
     ("MLX reductions", lambda dso, sym: "libmlx" in dso and "reduction" in sym),
