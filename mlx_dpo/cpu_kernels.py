@@ -1,12 +1,13 @@
 """Exp-heavy operations rebuilt for MLX's CPU backend, and the switch that puts them in a model.
 
-On Linux, MLX's CPU `exp` runs at about 14 ns per float (its polynomial goes through `std::fma`,
-which is a library call on the generic x86-64 build), so every softmax, sigmoid and log-sum-exp
+On Linux, MLX's CPU `exp` runs at 11-13 ns per float (its polynomial goes through `std::fma`,
+which is a library call on the generic x86-64 build), so every softmax, sigmoid and log-softmax
 of a training step is bound by it: the attention softmax, SwiGLU's sigmoid and the LM head's
 log-partition over the vocabulary take close to half of a SmolLM2-135M step. Written with
 multiplies, adds and one integer shift, the same Cephes polynomial becomes a handful of
-elementwise kernels that `mx.compile` fuses and the C++ compiler vectorises: 2 instead of 14 ns
-per float, as accurate as MLX's own exp (tests/test_cpu_kernels.py).
+elementwise kernels that `mx.compile` fuses and the C++ compiler vectorises: 2.4 instead of
+11.4 ns per float in a step's reused buffers (scripts/bench_cpu_ops.py), as accurate as MLX's
+own exp (tests/test_cpu_kernels.py). The target log-probs get their own VJP on top of it.
 
 `installed(model)` points the model's module at the fast SwiGLU and attention (cpu_attention.py,
 built on this exp) for the duration of mlx-dpo's own forward passes (and hence the traces

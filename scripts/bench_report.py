@@ -229,7 +229,7 @@ bench's FLOP count per token is given with the goal above), so constant seconds 
 column shows it. Up to seq 1024 every layer's attention is dense (one (queries x keys) softmax
 kept for the backward): there it was the fastest on this CPU. From 1024 x 1024 scores per layer,
 the causal query blocks of `compute.attention_block` take over (mlx_dpo/cpu_attention.py: only
-the keys each block can see, softmax recomputed in the backward); see "Attention blocks" below.
+the keys each block can see, softmax recomputed in the backward); see "Where a step's time goes" below.
 
 How to read it: compare pairs/s, the one unit every trainer shares; tokens/s is each
 trainer's own count (mlx-dpo: every real token of the 2B sequences; mlx-lm-lora: its mask sum),
@@ -261,8 +261,8 @@ timed separately.
 
 Peak memory: "peak MLX GB" is MLX's allocator peak (arrays alive at once); "peak RSS GB" also
 holds MLX's buffer cache, which mlx-dpo raises on the CPU to a quarter of RAM so that a step's
-large arrays are reused rather than page-faulted in again (~5% of a LoRA step here; it costs
-RSS, not allocator peak). mlx-lm-lora keeps MLX's 32 MiB default; `MLX_DPO_CPU_CACHE_FRACTION=0`
+large arrays are reused rather than page-faulted in again (the `mlx-cache` row shows what that
+buys; it costs RSS, not allocator peak). mlx-lm-lora keeps MLX's 32 MiB default; `MLX_DPO_CPU_CACHE_FRACTION=0`
 gives mlx-dpo the same."""
 
 
