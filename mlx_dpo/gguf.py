@@ -47,31 +47,27 @@ def read_gguf(path: Path):
         if f.read(4) != b"GGUF":
             raise UserError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        types = {t.tensor_type.name for t in _gguf_package().GGUFReader(str(path)).tensors}
-        if types <= MLX_EXACT_TYPES:
+        reader = _gguf_package().GGUFReader(str(path))
+    except ValueError as err:
+        raise UserError(f"{path}: cannot read this GGUF file ({err})") from None
+    if {t.tensor_type.name for t in reader.tensors} <= MLX_EXACT_TYPES:
+        try:
             return mx.load(str(path), return_metadata=True)
-    except (ValueError, RuntimeError):  # other types, or a damaged file: the gguf package says which
-        pass
+        except (ValueError, RuntimeError):  # mx.load refuses it: the gguf package reads it below
+            pass
     try:
-        return _read_with_gguf_package(path), _metadata_with_gguf_package(path)
+        return ({name: mx.array(a) for name, a in _dequantize(reader).items()}, _metadata(reader))
     except (ValueError, NotImplementedError) as err:
         raise UserError(f"{path}: cannot read this GGUF file ({err})") from None
 
 
-def _read_with_gguf_package(path: Path) -> dict:
-    """Every tensor dequantized to float32 by the gguf package (types mx.load lacks)."""
-    import mlx.core as mx
-
-    out = {}
-    for name, array in dequantized_tensors(path).items():
-        out[name] = mx.array(array)
-    return out
-
-
 def dequantized_tensors(path: Path) -> dict[str, np.ndarray]:
     """The gguf package's own dequantization, in numpy (row-major, Hugging Face shapes)."""
+    return _dequantize(_gguf_package().GGUFReader(str(path)))
+
+
+def _dequantize(reader) -> dict[str, np.ndarray]:
     gguf = _gguf_package()
-    reader = gguf.GGUFReader(str(path))
     out = {}
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -80,9 +76,8 @@ def dequantized_tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _metadata_with_gguf_package(path: Path) -> dict:
+def _metadata(reader) -> dict:
     gguf = _gguf_package()
-    reader = gguf.GGUFReader(str(path))
     meta = {}
     for name, field in reader.fields.items():
         if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
