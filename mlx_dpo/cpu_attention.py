@@ -13,8 +13,9 @@ on long sequences: on a LoRA step of SmolLM2-135M on 2 cores, blocks of 256 rows
 run-to-run noise of dense attention at 1024 tokens and 1.15x faster (and 1 GB lighter) at 2048
 (docs/benchmarks.md). So layers whose score matrix is smaller than `BLOCKED_FROM` stay dense.
 
-Masks: mlx-lm's "causal", or a `CausalMask` (the shared-prompt path's causal mask with left
-padding, kept symbolic so that each block builds only its own slice of it).
+Masks: mlx-lm's "causal", a `CausalMask` (causal with left padding, kept symbolic so that each
+block builds only its own slice of it), or a `SharedPromptMask` (completion.py's one row per
+pair, computed as two causal attentions).
 """
 from __future__ import annotations
 
@@ -42,8 +43,7 @@ class CausalMask:
         keep = key <= query
         if self.left_pad is None:
             return keep[None, None]
-        keep = (keep & (key >= self.left_pad[:, None, None])) | (key == query)
-        return keep[:, None]
+        return _without_pads(keep, query, key, self.left_pad)
 
     def array(self, queries: int) -> mx.array:
         return self.keep(0, queries, self.offset + queries)
@@ -64,7 +64,13 @@ class SharedPromptMask:
         query = mx.arange(t)[:, None]
         key = mx.arange(t)[None, :]
         keep = (key <= query) & ((key < self.prompt) | (key >= self.split) | (query < self.split))
-        return ((keep & (key >= self.left_pad[:, None, None])) | (key == query))[:, None]
+        return _without_pads(keep, query, key, self.left_pad)
+
+
+def _without_pads(keep: mx.array, query: mx.array, key: mx.array, left_pad: mx.array) -> mx.array:
+    """(rows, 1, queries, keys): `keep` minus each row's left-pad keys; a query that would then see
+    nothing (a pad itself) sees itself, so that no softmax row is empty."""
+    return ((keep & (key >= left_pad[:, None, None])) | (key == query))[:, None]
 
 
 def _grouped(x: mx.array, kv_heads: int) -> mx.array:

@@ -94,8 +94,7 @@ def _swiglu_vjp(primals, cotangent, output):
 def _target_logps(logits: mx.array, targets: mx.array):
     top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
     lse = (top + mx.log(fast_exp_nonpositive(logits - top).sum(axis=-1, keepdims=True))).squeeze(-1)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return picked - lse, lse
+    return _picked(logits, targets) - lse, lse
 
 
 @_target_logps.vjp
@@ -117,8 +116,11 @@ def target_logps(logits: mx.array, targets: mx.array) -> mx.array:
     `installed`."""
     if _ACTIVE.get():
         return _target_logps(logits, targets)[0]
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return picked - mx.logsumexp(logits, axis=-1)
+    return _picked(logits, targets) - mx.logsumexp(logits, axis=-1)
+
+
+def _picked(logits: mx.array, targets: mx.array) -> mx.array:
+    return mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
 
 
 def attention_block() -> Optional[int]:
@@ -143,9 +145,14 @@ def _targets(model) -> list[tuple[object, str, object]]:
 
 
 @contextlib.contextmanager
-def installed(model, enabled: bool = True, attention_block: int = 256):
+def installed(model, enabled: bool = True, attention_block: Optional[int] = None):
     """Within the block, `model`'s forward uses the fast SwiGLU, attention and log-sum-exp;
-    causal attention in blocks of `attention_block` query rows (0: all at once)."""
+    causal attention in blocks of `attention_block` query rows (0: all at once; None: the
+    config's default, `compute.attention_block`)."""
+    if attention_block is None:
+        from .config import ComputeConfig
+
+        attention_block = ComputeConfig.attention_block
     if not enabled or mx.default_device() != mx.cpu or _ACTIVE.get():
         yield
         return
