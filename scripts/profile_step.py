@@ -72,11 +72,9 @@ def main() -> None:
     from mlx_dpo.engines.mlx_engine import MLXEngine
 
     work = bench.ROOT / ".bench"
-    data = work / f"pairs-{args.seq}.jsonl"
-    bench.make_pairs(data, max(4 * args.batch, 8), args.seq)
-    spec = {"model": str(bench.default_model(work)), "data": str(data), "batch": args.batch, "lr": 1e-6,
-            "lora_rank": 8, "lora_scale": 20.0, "max_prompt": args.seq, "max_completion": args.seq,
-            "cache_dir": str(work / "scratch"), "finetune": args.finetune}
+    spec = bench._base_spec(type("Args", (), {"steps": 0, "warmup": 0}), work, bench.default_model(work),
+                            args.seq, args.batch)
+    spec["finetune"] = args.finetune
     cfg = config_from_dict(bench_runners._mlx_dpo_config(spec, {}), source="profile")
     engine = MLXEngine(cfg)
     pairs = prepare_data(cfg, engine.tokenizer).train.pairs
