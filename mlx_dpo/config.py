@@ -148,9 +148,9 @@ class ComputeConfig:
     cpu_streams: int = opt(0, "MLX on the CPU: split each micro-batch's pairs over this many CPU streams (one "
                                "thread each, run side by side); 0 = one per CPU core, 1 = off. "
                                "No effect on Metal.", min=0)
-    fast_cpu_math: bool = opt(True, "MLX on the CPU: attention softmax, SwiGLU and the LM head's log-sum-exp on "
-                                    "a vectorisable exp (mlx_dpo/cpu_kernels.py; ~7x MLX's CPU exp and as "
-                                    "accurate). No effect on Metal.")
+    fast_cpu_math: bool = opt(True, "MLX on the CPU: attention softmax, SwiGLU and the LM head's log-softmax on "
+                                    "a vectorisable exp (mlx_dpo/cpu_kernels.py; ~4.8x MLX's CPU exp in a "
+                                    "step's buffers, scripts/bench_cpu_ops.py, and as accurate). No effect on Metal.")
     attention_block: int = opt(256, "MLX on the CPU, with fast_cpu_math: causal attention over long sequences "
                                      "(a layer's queries x keys >= 1024 x 1024) takes this many query rows at a "
                                      "time against the keys they can see, and recomputes their softmax in the "
