@@ -133,22 +133,26 @@ def step_flops(config: dict, pair_tokens: list, finetune: str) -> float:
     included, padding excluded: padded positions are waste, not work).
 
     Per token a forward costs 2 * (linear weights of the blocks) + attention (2 * 2 * context
-    * hidden per layer); the LM head 2 * hidden * vocab only on completion tokens. Backward
-    costs 1x forward for the input gradients (LoRA: base weights frozen) or 2x (full).
+    * hidden per layer); the LM head 2 * hidden * vocab only on completion tokens. The backward
+    of a weight matmul costs 1x its forward for the input gradient (all LoRA needs: base weights
+    frozen) and 1x more for the weight gradient (full); attention has no weights, but its
+    backward always needs four products (scores, queries, keys, values) for the forward's two,
+    2x. LoRA's rank-r adapter products (about 2% of the linear work at rank 8) are not counted.
     """
     h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or h // heads
-    linear = layers * (h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter)
+    linear_per_token = 2 * layers * (h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter)
 
-    def body(tokens, context):
-        return tokens * (2 * linear + layers * 4 * context * heads * head_dim)
+    def attention(tokens, context):
+        return tokens * layers * 4 * context * heads * head_dim
 
-    fwd = 0.0
+    weights = attn = 0.0
     for prompt, chosen, rejected in pair_tokens:
-        fwd += body(prompt, prompt / 2) + body(chosen, prompt + chosen / 2) + body(rejected, prompt + rejected / 2)
-        fwd += (chosen + rejected) * 2 * h * config["vocab_size"]
-    return fwd * (2 if finetune == "lora" else 3)
+        weights += (prompt + chosen + rejected) * linear_per_token + (chosen + rejected) * 2 * h * config["vocab_size"]
+        attn += attention(prompt, prompt / 2) + attention(chosen, prompt + chosen / 2) \
+            + attention(rejected, prompt + rejected / 2)
+    return weights * (2 if finetune == "lora" else 3) + attn * 3
 
 
 # -- summary ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where an mlx-dpo step's CPU time goes, by `perf` samples, on the bench's model and pairs.
 
-    .venv/bin/python scripts/profile_step.py [--seq 256] [--batch 2] [--seconds 20] [--finetune lora]
+    .venv/bin/python scripts/profile_step.py [--seq 256] [--batch 2] [--seconds 20] [--finetune lora] [--top N]
 
 Builds the step as scripts/bench.py's mlx-dpo rows do (cached reference, every technique on),
 runs two warm-up steps (tracing), then samples every thread with `perf record` for --seconds
@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--finetune", choices=["lora", "full"], default="lora")
+    p.add_argument("--top", type=int, default=0, help="also print the N symbols with the most samples")
     args = p.parse_args()
 
     import mlx_dpo  # noqa: F401  (OpenBLAS before mlx)
@@ -103,6 +104,11 @@ def main() -> None:
           f"median {statistics.median(times):.2f} s/step")
     for name, share in categorize(report).items():
         print(f"{share:6.1f}%  {name}")
+    if args.top:
+        print(f"top {args.top} symbols:")
+        rows = [line for line in report.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        for line in rows[:args.top]:
+            print("  " + " ".join(line.split())[:160])
 
 
 if __name__ == "__main__":
