@@ -150,7 +150,9 @@ class ComputeConfig:
                                "No effect on Metal.", min=0)
     fast_cpu_math: bool = opt(True, "MLX on the CPU: attention softmax, SwiGLU and the LM head's log-softmax on "
                                     "a vectorisable exp (mlx_dpo/cpu_kernels.py; ~4.8x MLX's CPU exp in a "
-                                    "step's buffers, scripts/bench_cpu_ops.py, and as accurate). No effect on Metal.")
+                                    "step's buffers, scripts/bench_cpu_ops.py, and as accurate); attention's own VJP; "
+                                    "LoRA's low-rank product accumulated into the base matmul "
+                                    "(mlx_dpo/cpu_lora.py). No effect on Metal.")
     attention_block: int = opt(256, "MLX on the CPU, with fast_cpu_math: causal attention over long sequences "
                                      "(a layer's queries x keys >= 1024 x 1024) takes this many query rows at a "
                                      "time against the keys they can see, and recomputes their softmax in the "

@@ -123,6 +123,11 @@ def _picked(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
 
 
+def active() -> bool:
+    """Whether the caller runs inside `installed` (mlx-dpo's CPU fast path is on)."""
+    return _ACTIVE.get()
+
+
 def attention_block() -> Optional[int]:
     """Inside `installed`, when the model's attention is cpu_attention's: its query rows per
     block (0: all at once); None otherwise."""

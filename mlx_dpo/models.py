@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import cpu_lora
 from .config import Config
 from .engines.base import scales_zeroed
 from .errors import UserError
@@ -55,6 +56,7 @@ def load_models(cfg: Config, device_kind: str = "cpu") -> Models:
         policy.freeze()
         mx.random.seed(cfg.training.seed)  # LoRA A matrices are drawn from the global RNG
         linear_to_lora_layers(policy, num_layers, lora)
+        cpu_lora.use_addmm(policy)
         adapter_config["lora_parameters"] = lora
     if cfg.compute.gradient_checkpointing:
         for layer in policy.layers:
