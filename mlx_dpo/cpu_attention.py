@@ -24,7 +24,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .cpu_kernels import MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive
+from .cpu_kernels import MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive, row_max
 
 BLOCKED_FROM = 1024 * 1024  # queries x keys of a layer from which blocks pay (measured, see above)
 
@@ -113,7 +113,7 @@ def _make_blocked(scale: float, offset: int, block: int, padded: bool):
         outs, lses = [], []
         for first, stop, seen in _blocks(mask, q.shape[2], block):
             scores = _scores(q[:, :, first:stop], k[:, :, :seen], mask.keep(first, stop, seen))
-            top = mx.stop_gradient(scores.max(axis=-1, keepdims=True))
+            top = mx.stop_gradient(row_max(scores))
             weights = fast_exp_nonpositive(scores - top)
             total = weights.sum(axis=-1, keepdims=True)
             outs.append(_times_values(weights, v[:, :, :seen]) / total)
@@ -185,7 +185,7 @@ def _dense_vjp(primals, cotangents, outputs):
 
 def _stable(scores: mx.array) -> mx.array:
     """Scores minus each row's maximum, so that every exp is of a number <= 0."""
-    return scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True))
+    return scores - mx.stop_gradient(row_max(scores))
 
 
 def dense_attention(queries, keys, values, scale: float, mask) -> mx.array:

@@ -60,6 +60,20 @@ def fast_exp_nonpositive(x: mx.array) -> mx.array:
     return p * two_to_whole.view(mx.float32)
 
 
+def row_max(x: mx.array) -> mx.array:
+    """x.max(axis=-1, keepdims=True), the same numbers, several times faster on MLX's CPU backend.
+
+    MLX reduces a contiguous last axis one element at a time; viewed as (n / lanes, lanes), the
+    first max runs down a strided axis with `lanes` contiguous accumulators, which the compiler
+    vectorises (scripts/bench_cpu_ops.py: rows of 1240 attention scores 1.49 -> 0.50 ns per float,
+    vocabulary rows of 49152 1.76 -> 0.24). A maximum does not depend on the order it is taken in."""
+    n = x.shape[-1]
+    for lanes in (32, 16, 8):
+        if n % lanes == 0 and n >= 2 * lanes:
+            return x.reshape(*x.shape[:-1], n // lanes, lanes).max(axis=-2).max(axis=-1, keepdims=True)
+    return x.max(axis=-1, keepdims=True)
+
+
 @mx.custom_function
 def exp_nonpositive(x: mx.array) -> mx.array:
     """Differentiable exp(x) for x <= 0: the caller subtracts a maximum first."""
@@ -92,7 +106,7 @@ def _swiglu_vjp(primals, cotangent, output):
 
 @mx.custom_function
 def _target_logps(logits: mx.array, targets: mx.array):
-    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    top = mx.stop_gradient(row_max(logits))
     lse = (top + mx.log(fast_exp_nonpositive(logits - top).sum(axis=-1, keepdims=True))).squeeze(-1)
     return _picked(logits, targets) - lse, lse
 

@@ -91,3 +91,12 @@ def test_installed_swaps_the_model_module_only_inside_and_keeps_logits(tiny_mode
     np.testing.assert_allclose(np.array(inside), np.array(outside), atol=1e-5)
     with cpu_kernels.installed(model, enabled=False):
         assert llama.swiglu is activations.swiglu
+
+
+@pytest.mark.parametrize("n", [7, 24, 256, 1240, 49152])
+def test_row_max_is_mlx_max_exactly(n):
+    x = mx.random.normal((3, 5, n), key=mx.random.key(n)) * 50
+    x = mx.where(mx.arange(n) % 3 == 0, -1e30, x)  # masked scores, as attention has them
+    np.testing.assert_array_equal(np.array(cpu_kernels.row_max(x)), np.array(x.max(axis=-1, keepdims=True)))
+    with_nan = mx.where(mx.arange(n) == n - 1, float("nan"), x)
+    assert np.isnan(np.array(cpu_kernels.row_max(with_nan))).all()
