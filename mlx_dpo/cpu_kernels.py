@@ -37,17 +37,23 @@ _EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3,
 _EXP2_POLY_NEG = tuple(coef * (-1) ** (6 - k) for k, coef in enumerate(_EXP2_POLY))
 
 
-def fast_exp_nonpositive(x: mx.array) -> mx.array:
+def fast_exp_nonpositive(x: mx.array, again: Optional[mx.array] = None) -> mx.array:
     """exp(x) for x <= 0; exactly 0 below about -87.7 (float32's smallest normal power of two);
     NaN stays NaN.
 
     Written for MLX's fuser (at most 11 ops deep per kernel, a value used twice must be used
     within one kernel): 2**round(x*log2 e) is built from integer bits in one kernel, the
     polynomial in the remainder, evaluated by Estrin's scheme to stay shallow, in the other.
+    `again`, when given, holds the same numbers as x computed by other ops: each kernel then
+    computes its own copy of x rather than MLX writing x to memory for both. That pays when x
+    comes from arrays of its own shape (SwiGLU's sigmoid: 4.33 -> 3.78 ns per float); not for
+    `scores - row maximum`, where the broadcast maximum would turn both contiguous kernels into
+    strided ones (measured 3.4 -> 4.4 ns per float).
     Inputs must be finite or NaN: -inf gives NaN (callers clamp masks to -1e30).
     """
     # (2x) * (log2 e / 2) is x * log2 e bit for bit, but a distinct node: each kernel keeps its own.
     whole = ((x * 2.0) * (_LOG2E / 2) + _ROUND - _ROUND).astype(mx.int32)  # huge or NaN: INT_MIN or 0
+    x = x if again is None else again
     # Below 2**-126 the exponent field is 0, so the factor is +0.0: a masked score's probability is
     # exactly 0, not a denormal. Denormals are slow on many x86 CPUs, and the backward multiplies
     # them by small gradients into more of them (measured: a DPO step 2-4x slower).
@@ -86,7 +92,8 @@ def _exp_nonpositive_vjp(primals, cotangent, output):
 
 
 def _sigmoid(x: mx.array) -> mx.array:
-    e = fast_exp_nonpositive(-mx.abs(x))  # exp(-|x|) never overflows
+    # exp(-|x|) never overflows; min(x, -x) is -|x| by other ops, so -|x| is not written to memory
+    e = fast_exp_nonpositive(-mx.abs(x), again=mx.minimum(x, -x))
     return mx.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
