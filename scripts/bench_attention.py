@@ -2,11 +2,12 @@
 """One LoRA DPO step of mlx-dpo at a given sequence length, timed in one process for several
 `compute.attention_block` values (0 = dense attention), on the bench's model and pairs.
 
-    .venv/bin/python scripts/bench_attention.py SEQ BATCH BLOCKS [REPEATS]
+    .venv/bin/python scripts/bench_attention.py SEQ BATCH BLOCKS [REPEATS] [BLOCKED_FROM]
     .venv/bin/python scripts/bench_attention.py 2048 2 0,256 1
 
-Blocks are used at every length here (cpu_attention.BLOCKED_FROM = 0), so that each block size
-is what is measured; in training they start at 1024 x 1024 scores per layer.
+Blocks are used at every length here (cpu_attention.BLOCKED_FROM = 0) unless BLOCKED_FROM is
+given, so that each block size is what is measured; in training they start at 1024 x 1024
+scores per layer (`default` keeps that).
 Reference log-probs are fixed numbers attached to the pairs (what the cache would hold), so
 only the training step is timed; run scripts/bench.py once first (it converts the model).
 Prints, per block value, the first step (tracing included), the later steps and MLX's peak.
@@ -37,7 +38,9 @@ def main() -> None:
                             work / "smollm2-135m-instruct", seq, batch)
     cfg = config_from_dict(bench_runners._mlx_dpo_config({**spec, "finetune": "lora"}, {}), source="bench")
     engine = MLXEngine(cfg)
-    cpu_attention.BLOCKED_FROM = 0
+    threshold = sys.argv[5] if len(sys.argv) > 5 else "0"
+    if threshold != "default":
+        cpu_attention.BLOCKED_FROM = int(threshold)
     pairs = prepare_data(cfg, engine.tokenizer).train.pairs[:batch]
     refcache.attach(pairs, np.full((batch, 2), -300.0))
     step_batch = collate(pairs, engine.tokenizer.eos_token_id)
