@@ -27,6 +27,7 @@ import mlx.core as mx
 from .cpu_kernels import MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive, row_max
 
 BLOCKED_FROM = 1024 * 1024  # queries x keys of a layer from which blocks pay (measured, see above)
+ROW_ALIGN = 16  # causal attention's key axis is padded to a multiple of this (see _aligned)
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,22 @@ def _times_values(weights: mx.array, values: mx.array) -> mx.array:
     return (_grouped(weights, values.shape[1]) @ values).reshape(b, heads, t, values.shape[-1])
 
 
-def _blocks(mask: CausalMask, queries: int, block: int):
-    """(first, stop, keys seen) of each query block."""
+def _aligned(keys: mx.array, values: mx.array):
+    """Keys and values zero-padded to a multiple of ROW_ALIGN along the key axis: a causal mask
+    never shows the extra keys (they come after every query), and score rows of whole lanes are
+    what `row_max` vectorises (the shared-prompt parts have arbitrary lengths)."""
+    extra = -keys.shape[2] % ROW_ALIGN
+    if not extra:
+        return keys, values
+    pad = [(0, 0), (0, 0), (0, extra), (0, 0)]
+    return mx.pad(keys, pad), mx.pad(values, pad)
+
+
+def _blocks(mask: CausalMask, queries: int, block: int, keys: int):
+    """(first, stop, keys seen) of each query block, keys seen rounded up to ROW_ALIGN."""
     for first in range(0, queries, block):
         stop = min(first + block, queries)
-        yield first, stop, mask.offset + stop
+        yield first, stop, min(-(-(mask.offset + stop) // ROW_ALIGN) * ROW_ALIGN, keys)
 
 
 def _make_blocked(scale: float, offset: int, block: int, padded: bool):
@@ -111,7 +123,7 @@ def _make_blocked(scale: float, offset: int, block: int, padded: bool):
         mask = CausalMask(offset, left_pad[0] if padded else None)
         q = q * scale
         outs, lses = [], []
-        for first, stop, seen in _blocks(mask, q.shape[2], block):
+        for first, stop, seen in _blocks(mask, q.shape[2], block, k.shape[2]):
             scores = _scores(q[:, :, first:stop], k[:, :, :seen], mask.keep(first, stop, seen))
             top = mx.stop_gradient(row_max(scores))
             weights = fast_exp_nonpositive(scores - top)
@@ -130,7 +142,7 @@ def _make_blocked(scale: float, offset: int, block: int, padded: bool):
         # softmax backward: dS = P * (dP - rowsum(dO * O))
         row_dot = (d_out * out).sum(axis=-1, keepdims=True)
         d_q, d_k, d_v = [], mx.zeros_like(k), mx.zeros_like(v)
-        for first, stop, seen in _blocks(mask, q.shape[2], block):
+        for first, stop, seen in _blocks(mask, q.shape[2], block, k.shape[2]):
             k_seen, v_seen = k[:, :, :seen], v[:, :, :seen]
             scores = _scores(q[:, :, first:stop], k_seen, mask.keep(first, stop, seen))
             probs = _grouped(fast_exp_nonpositive(scores - lse[:, :, first:stop]), kv_heads)
@@ -217,12 +229,13 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
         return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     if isinstance(mask, SharedPromptMask):
         return _shared_prompt_attention(queries, keys, values, cache, scale, mask)
+    if not isinstance(mask, CausalMask):
+        return dense_attention(queries, keys, values, scale, mask)
+    keys, values = _aligned(keys, values)
     block = attention_block()
-    if isinstance(mask, CausalMask) and block and t * s >= BLOCKED_FROM:
+    if block and t * s >= BLOCKED_FROM:
         return blocked_attention(queries, keys, values, scale, mask, block)
-    if isinstance(mask, CausalMask):
-        mask = mask.array(t)
-    return dense_attention(queries, keys, values, scale, mask)
+    return dense_attention(queries, keys, values, scale, mask.keep(0, t, keys.shape[2]))
 
 
 def _shared_prompt_attention(queries, keys, values, cache, scale: float, mask: SharedPromptMask) -> mx.array:

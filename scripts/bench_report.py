@@ -46,9 +46,10 @@ def scale_goal(scale: list[dict]) -> list[str]:
     lines = [f"- step cost no worse than linear in tokens up to 1024: seconds per 1k tokens at seq 1024 are "
              f"{x:.2f}x those at seq 256{mid} — {ok}"]
     if by[256].get("gflops_per_s") and by[1024].get("gflops_per_s"):
-        work = x * by[1024]["gflops_per_s"] / by[256]["gflops_per_s"]
-        lines.append(f"  (attention makes a token's matmul work {work:.2f}x larger at 1024 than at 256; the "
-                     f"matmul rate is {by[1024]['gflops_per_s']:.0f} against {by[256]['gflops_per_s']:.0f} GFLOP/s)")
+        rate = by[1024]["gflops_per_s"] / by[256]["gflops_per_s"]
+        lines.append(f"  (attention's products grow with the context, so a token's matmul work is {x * rate:.2f}x "
+                     f"larger at 1024 than at 256: linear cost needs the matmul rate to rise as much; it is "
+                     f"{by[1024]['gflops_per_s']:.0f} against {by[256]['gflops_per_s']:.0f} GFLOP/s, {rate:.2f}x)")
     return lines
 
 
@@ -226,8 +227,9 @@ def extra_sections(results: dict, earlier) -> list[str]:
 NOTES = """Scale: a token's matmul work grows with its context (attention's QK and PV products; the
 bench's FLOP count per token is given with the goal above), so constant seconds per token up to
 1024 means that the matmul rate rises with the length as fast as that work does; the GFLOP/s
-column shows it. Up to seq 1024 every layer's attention is dense (one (queries x keys) softmax
-kept for the backward): there it was the fastest on this CPU. From 1024 x 1024 scores per layer,
+column shows it. Below 1024 x 1024 scores per attention part (the shared-prompt row has two:
+prompt + chosen, and rejected against prompt + rejected) attention is dense, its unnormalised
+softmax kept for the backward: there it was the fastest on this CPU. From 1024 x 1024 scores,
 the causal query blocks of `compute.attention_block` take over (mlx_dpo/cpu_attention.py: only
 the keys each block can see, softmax recomputed in the backward); see "Where a step's time goes" below.
 
@@ -238,15 +240,17 @@ are computed once before training (`training.precompute_reference`), a one-off p
 `results.json` reports as `precompute_s_per_pair` and which is not in the step time. GFLOP/s
 counts the matmul FLOPs mlx-dpo actually executes, from the real token counts of each timed
 step's pairs (shared prompt once per pair, LM head on completion tokens only, LoRA backward =
-input gradients only, padding not counted), so utilisation is not inflated by skipped or wasted
+input gradients only except attention's, which has no weights and costs 2x its forward either
+way; padding and LoRA's rank-8 adapter products not counted), so utilisation is not inflated by skipped or wasted
 work. mlx-lm-lora runs its own `train_dpo` with a second full model as reference, as its CLI
 does, through a bench-only shim for `mx.device_info()["max_recommended_working_set_size"]`
 (Metal-only). TRL runs `DPOTrainer` with its defaults (gradient checkpointing on) except
 `use_cpu`, fp32, batch size, learning rate and `max_length`; `trl-full-no-ckpt` would drop
 checkpointing; mlx-dpo clips gradients (max_grad_norm 1.0, as TRL does), mlx-lm-lora does not.
 Rows with a slash switch one technique off: `plain` is the full-logits path with a live
-reference, no shared prompt, no compile, MLX's own exp and one CPU stream; `mlx-exp` uses
-MLX's `exp` instead of mlx-dpo's CPU kernels (`compute.fast_cpu_math`); `one-stream` runs the
+reference, no shared prompt, no compile, MLX's own exp and one CPU stream; `mlx-exp` turns
+mlx-dpo's CPU kernels off (`compute.fast_cpu_math`: the fast exp, attention's own VJP and blocks,
+LoRA's addmm, the vectorised row maximum), leaving MLX's `exp` and mlx-lm's own layers; `one-stream` runs the
 micro-batch on one CPU stream (`compute.cpu_streams: 1`); `mlx-cache` keeps MLX's default CPU
 buffer cache (`MLX_DPO_CPU_CACHE_FRACTION=0`); `checkpointing` turns on each trainer's gradient
 checkpointing (mlx-dpo: `compute.gradient_checkpointing`, every block; mlx-lm-lora: its
@@ -255,7 +259,7 @@ setting, checkpointing plus `MLX_DPO_CPU_CACHE_FRACTION=0` and `MLX_BFS_MAX_WIDT
 default width, which lets CPU streams overlap less but frees each block's recomputed activations
 before the next block's are made). Every technique is on by default and
 has an exactness test (tests/test_perf_*.py, tests/test_cpu_kernels.py, tests/test_cpu_attention.py,
-tests/test_cpu_streams.py).
+tests/test_cpu_lora.py, tests/test_cpu_streams.py).
 Length-grouped batches padded to a multiple of 16 come from the core batching and were not
 timed separately.
 
