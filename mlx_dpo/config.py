@@ -149,7 +149,7 @@ class ComputeConfig:
                                "thread each, run side by side); 0 = one per CPU core, 1 = off. "
                                "No effect on Metal.", min=0)
     fast_cpu_math: bool = opt(True, "MLX on the CPU: attention softmax, SwiGLU and the LM head's log-softmax on "
-                                    "a vectorisable exp (mlx_dpo/cpu_kernels.py; ~4.8x MLX's CPU exp in a "
+                                    "a vectorisable exp (mlx_dpo/cpu_kernels.py; 5-9x MLX's CPU exp in a "
                                     "step's buffers, scripts/bench_cpu_ops.py, and as accurate); attention's own VJP; "
                                     "LoRA's low-rank product accumulated into the base matmul "
                                     "(mlx_dpo/cpu_lora.py). No effect on Metal.")
