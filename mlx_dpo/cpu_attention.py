@@ -138,21 +138,18 @@ def _make_blocked(scale: float, offset: int, block: int, padded: bool):
         mask = CausalMask(offset, left_pad[0] if padded else None)
         d_out, (out, lse) = cotangents[0], outputs
         q = q * scale
-        kv_heads, keys = k.shape[1], k.shape[2]
-        # softmax backward: dS = P * (dP - rowsum(dO * O))
+        keys = k.shape[2]
         row_dot = (d_out * out).sum(axis=-1, keepdims=True)
         d_q, d_k, d_v = [], mx.zeros_like(k), mx.zeros_like(v)
         for first, stop, seen in _blocks(mask, q.shape[2], block, k.shape[2]):
-            k_seen, v_seen = k[:, :, :seen], v[:, :, :seen]
+            k_seen = k[:, :, :seen]
             scores = _scores(q[:, :, first:stop], k_seen, mask.keep(first, stop, seen))
-            probs = _grouped(fast_exp_nonpositive(scores - lse[:, :, first:stop]), kv_heads)
-            d_out_block = _grouped(d_out[:, :, first:stop], kv_heads)
-            d_probs = d_out_block @ v_seen.swapaxes(-1, -2)
-            d_scores = probs * (d_probs - _grouped(row_dot[:, :, first:stop], kv_heads))
-            d_q.append((d_scores @ k_seen).reshape(q[:, :, first:stop].shape) * scale)
+            probs = fast_exp_nonpositive(scores - lse[:, :, first:stop])
+            dq, dk, dv = _softmax_attention_grads(probs, d_out[:, :, first:stop], row_dot[:, :, first:stop],
+                                                  q[:, :, first:stop], k_seen, v[:, :, :seen])
+            d_q.append(dq * scale)
             pad = [(0, 0), (0, 0), (0, keys - seen), (0, 0)]
-            d_k = d_k + mx.pad(d_scores.swapaxes(-1, -2) @ _grouped(q[:, :, first:stop], kv_heads), pad)
-            d_v = d_v + mx.pad(probs.swapaxes(-1, -2) @ d_out_block, pad)
+            d_k, d_v = d_k + mx.pad(dk, pad), d_v + mx.pad(dv, pad)
         return (mx.concatenate(d_q, axis=2), d_k, d_v, *(mx.zeros_like(p) for p in left_pad))
 
     return attend
@@ -183,16 +180,22 @@ def _dense_vjp(primals, cotangents, outputs):
     # four, through the divide, the exp and the where.
     q_scaled, k, v, keep = primals
     d_out, (out, weights, total) = cotangents[0], outputs
-    kv_heads = k.shape[1]
     d_out_scaled = d_out / total
     row_dot = (d_out_scaled * out).sum(axis=-1, keepdims=True)
-    d_out_grouped = _grouped(d_out_scaled, kv_heads)
-    weights_grouped = _grouped(weights, kv_heads)
-    d_scores = weights_grouped * (d_out_grouped @ v.swapaxes(-1, -2) - _grouped(row_dot, kv_heads))
-    d_q = (d_scores @ k).reshape(q_scaled.shape)
-    d_k = d_scores.swapaxes(-1, -2) @ _grouped(q_scaled, kv_heads)
-    d_v = weights_grouped.swapaxes(-1, -2) @ d_out_grouped
-    return d_q, d_k, d_v, mx.zeros_like(keep)
+    return (*_softmax_attention_grads(weights, d_out_scaled, row_dot, q_scaled, k, v), mx.zeros_like(keep))
+
+
+def _softmax_attention_grads(probs, d_out, row_dot, q, k, v):
+    """Gradients of out = probs @ v with probs = softmax(q k^T) for queries q (b, heads, t, d)
+    against keys and values (b, kv_heads, keys, d): dS = P * (dO V^T - rowsum(dO * O)), then the
+    three products. Returns (d_q (b, heads, t, d), d_k, d_v (b, kv_heads, keys, d)). Both
+    attentions' backwards; the dense one passes unnormalised weights with 1/rowsum folded into
+    d_out and row_dot."""
+    kv_heads = k.shape[1]
+    probs, d_out = _grouped(probs, kv_heads), _grouped(d_out, kv_heads)
+    d_scores = probs * (d_out @ v.swapaxes(-1, -2) - _grouped(row_dot, kv_heads))
+    d_q = (d_scores @ k).reshape(q.shape)
+    return d_q, d_scores.swapaxes(-1, -2) @ _grouped(q, kv_heads), probs.swapaxes(-1, -2) @ d_out
 
 
 def _stable(scores: mx.array) -> mx.array:

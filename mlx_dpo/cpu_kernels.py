@@ -7,8 +7,8 @@ log-partition over the vocabulary take close to half of a SmolLM2-135M step. Wri
 multiplies, adds and one integer shift, the same Cephes polynomial becomes a handful of
 elementwise kernels that `mx.compile` fuses and the C++ compiler vectorises: 1.2-2.5 instead of
 11.1-11.7 ns per float in a step's reused buffers (scripts/bench_cpu_ops.py, runs of one day on
-a shared machine), as accurate as MLX's
-own exp (tests/test_cpu_kernels.py). The target log-probs get their own VJP on top of it.
+a shared machine), as accurate as MLX's own exp (tests/test_cpu_kernels.py). The target
+log-probs get their own VJP on top of it.
 
 `installed(model)` points the model's module at the fast SwiGLU and attention (cpu_attention.py,
 built on this exp) for the duration of mlx-dpo's own forward passes (and hence the traces
@@ -73,7 +73,8 @@ def row_max(x: mx.array) -> mx.array:
     MLX reduces a contiguous last axis one element at a time; viewed as (n / lanes, lanes), the
     first max runs down a strided axis with `lanes` contiguous accumulators, which the compiler
     vectorises (scripts/bench_cpu_ops.py: rows of 1240 attention scores 1.0-1.5 -> 0.5 ns per
-    float, vocabulary rows of 49152 1.1-1.8 -> 0.22-0.24). A maximum does not depend on the order it is taken in."""
+    float, vocabulary rows of 49152 1.1-1.8 -> 0.22-0.24). A maximum does not depend on the
+    order it is taken in."""
     n = x.shape[-1]
     for lanes in (32, 16, 8):
         if n % lanes == 0 and n >= 2 * lanes:

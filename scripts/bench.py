@@ -183,12 +183,8 @@ def main() -> None:
                "args": vars(args), "rows": [], "scale": []}
     results["matmul_peak_gflops"] = matmul_peak_gflops()
     print(f"fp32 matmul peak (MLX, 2048^3): {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
-    rows = args.runners.split(",") + (["mlx-dpo-lora/plain", "mlx-dpo-lora/no-share", "mlx-dpo-lora/no-compile",
-                                       "mlx-dpo-lora/live-ref", "mlx-dpo-lora/mlx-exp", "mlx-dpo-lora/one-stream",
-                                       "mlx-dpo-lora/mlx-cache",
-                                       "mlx-dpo-full/one-stream", "mlx-dpo-lora/checkpointing",
-                                       "mlx-lm-lora-lora/checkpointing", "mlx-dpo-lora/low-memory"]
-                                      if args.ablation else [])
+    # --ablation adds every variant row (a slash in its name: base row/setting), in ROWS's order
+    rows = args.runners.split(",") + ([name for name in ROWS if "/" in name] if args.ablation else [])
     results["rows"], peaks = bench_rows(rows, args, work, model, config)
     results["matmul_peaks"] = [results["matmul_peak_gflops"], *peaks]
     # Utilisation against the best rate MLX showed in this run: the fairest ceiling on a busy machine.
