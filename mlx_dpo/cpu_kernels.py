@@ -5,7 +5,7 @@ which is a library call on the generic x86-64 build), so every softmax, sigmoid 
 of a training step is bound by it: the attention softmax, SwiGLU's sigmoid and the LM head's
 log-partition over the vocabulary take close to half of a SmolLM2-135M step. Written with
 multiplies, adds and one integer shift, the same Cephes polynomial becomes a handful of
-elementwise kernels that `mx.compile` fuses and the C++ compiler vectorises: 1.2-2.5 instead of
+elementwise kernels that `mx.compile` fuses and the C++ compiler vectorises: 1.2-2.6 instead of
 11.1-11.7 ns per float in a step's reused buffers (scripts/bench_cpu_ops.py, runs of one day on
 a shared machine), as accurate as MLX's own exp (tests/test_cpu_kernels.py). The target
 log-probs get their own VJP on top of it.
@@ -47,7 +47,7 @@ def fast_exp_nonpositive(x: mx.array, again: Optional[mx.array] = None) -> mx.ar
     polynomial in the remainder, evaluated by Estrin's scheme to stay shallow, in the other.
     `again`, when given, holds the same numbers as x computed by other ops: each kernel then
     computes its own copy of x rather than MLX writing x to memory for both. That pays when x
-    comes from arrays of its own shape (SwiGLU's sigmoid: 4.33 -> 3.78 ns per float); not for
+    comes from arrays of its own shape (SwiGLU's sigmoid: 4.33 -> 3.78 ns per float, scratch timing); not for
     `scores - row maximum`, where the broadcast maximum would turn both contiguous kernels into
     strided ones (measured 3.4 -> 4.4 ns per float).
     Inputs must be finite or NaN: -inf gives NaN (callers clamp masks to -1e30).
@@ -72,8 +72,8 @@ def row_max(x: mx.array) -> mx.array:
 
     MLX reduces a contiguous last axis one element at a time; viewed as (n / lanes, lanes), the
     first max runs down a strided axis with `lanes` contiguous accumulators, which the compiler
-    vectorises (scripts/bench_cpu_ops.py: rows of 1240 attention scores 1.0-1.5 -> 0.5 ns per
-    float, vocabulary rows of 49152 1.1-1.8 -> 0.22-0.24). A maximum does not depend on the
+    vectorises (scripts/bench_cpu_ops.py: rows of 1240 attention scores 1.0-1.6 -> 0.5-0.8 ns per
+    float, vocabulary rows of 49152 1.1-1.8 -> 0.22-0.43). A maximum does not depend on the
     order it is taken in."""
     n = x.shape[-1]
     for lanes in (32, 16, 8):

@@ -5,9 +5,10 @@ rank-r inner size, so on the CPU it costs what its output costs: OpenBLAS zeroes
 (tokens x outputs) result, writes it, and a third pass adds it to the base output. The backward
 does the same for the input gradient (`dy @ W + dz @ A^T`). `mx.addmm` accumulates the rank-r
 product into the base result instead (beta = 1: no zeroing, no separate add), in the forward
-and, through the VJP here, in the backward. One fp32 LoRA layer of SmolLM2-135M's shapes, 752 tokens, one core, forward and
-backward: 576x1536 19.1 against 20.5 ms, 576x576 7.3 against 7.5 ms (the frozen linear alone:
-17.1 and 6.2 ms). The values are mlx-lm's up to float rounding (tests/test_cpu_lora.py).
+and, through the VJP here, in the backward. One fp32 rank-8 layer of SmolLM2-135M's shapes,
+752 tokens, forward and backward (scripts/bench_cpu_ops.py): 576x1536 9.22 against 10.81 ms,
+576x576 4.09 against 4.79 ms. The values are mlx-lm's up to float rounding
+(tests/test_cpu_lora.py).
 
 `use_addmm(model)` gives every plain `LoRALinear` of a model this class; its parameters, and so
 saved adapters, are unchanged. The fused path runs only inside `cpu_kernels.installed` (mlx-dpo's

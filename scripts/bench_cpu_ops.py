@@ -8,7 +8,7 @@ Each elementwise op is timed twice: with MLX's default 32 MiB buffer cache, wher
 result lands in fresh pages that the kernel must map and zero (what one-off work pays), and
 with the cache that training sets up (`hardware.keep_cpu_buffers`), where a step's results
 reuse freed buffers (what the ops inside a training step pay). Row maxima are timed against
-`cpu_kernels.row_max`.
+`cpu_kernels.row_max`, and one LoRA layer's forward and backward against `cpu_lora`'s.
 """
 import time
 
@@ -29,6 +29,38 @@ def best_seconds(fn, *args, repeats: int = 5) -> float:
     return best
 
 
+def lora_layers(tokens: int = 752) -> None:
+    """One LoRA layer's forward and backward (rank 8, SmolLM2-135M's shapes, the bench's tokens per
+    step): mlx-lm's LoRALinear against mlx-dpo's addmm one (mlx_dpo/cpu_lora.py)."""
+    import mlx.nn as nn
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from mlx_dpo import cpu_lora
+
+    class Host(nn.Module):  # `installed` needs a model; this one has no functions to swap
+        pass
+
+    for fan_in, fan_out in [(576, 576), (576, 1536)]:
+        x = mx.random.normal((tokens, fan_in))
+        d_y = mx.random.normal((tokens, fan_out))
+        mx.eval(x, d_y)  # else the compiled step would redraw them every call
+        for name, fused in [("mlx-lm LoRALinear", False), ("mlx-dpo addmm LoRA", True)]:
+            layer = LoRALinear(fan_in, fan_out, r=8)
+            layer.lora_b = mx.random.normal((8, fan_out)) * 0.01
+            if fused:
+                cpu_lora.use_addmm(nn.Sequential(layer))
+            mx.eval(layer.parameters())
+
+            def forward(x, a, b, layer=layer):
+                layer.lora_a, layer.lora_b = a, b
+                return layer(x)
+
+            step = mx.compile(lambda x, a, b, forward=forward: mx.vjp(forward, [x, a, b], [d_y]))
+            with cpu_kernels.installed(Host()):
+                seconds = best_seconds(step, x, layer.lora_a, layer.lora_b, repeats=20)
+            print(f"{name} {fan_in}x{fan_out}, {tokens} tokens, forward and backward: {seconds * 1e3:.2f} ms")
+
+
 def main() -> None:
     x = -mx.abs(mx.random.normal((N,)))
     mx.eval(x)
@@ -46,6 +78,7 @@ def main() -> None:
         for name, fn in [("MLX max", lambda r: r.max(axis=-1, keepdims=True)),
                          ("mlx-dpo row_max", cpu_kernels.row_max)]:
             print(f"{name} over rows of {shape[-1]}: {best_seconds(fn, rows) / rows.size * 1e9:.2f} ns per float")
+    lora_layers()
     a, b = mx.random.normal((2048, 2048)), mx.random.normal((2048, 2048))
     print(f"fp32 matmul 2048^3: {2 * 2048**3 / best_seconds(lambda: a @ b) / 1e9:.0f} GFLOP/s")
 
