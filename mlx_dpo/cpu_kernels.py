@@ -115,22 +115,28 @@ def _swiglu_vjp(primals, cotangent, output):
 
 @mx.custom_function
 def _target_logps(logits: mx.array, targets: mx.array):
+    """(log-probs of the targets, log-partition, exp(logits - row max), its row sums): the last
+    two are kept for the backward, which then needs neither the logits nor another exp."""
     top = mx.stop_gradient(row_max(logits))
-    lse = (top + mx.log(fast_exp_nonpositive(logits - top).sum(axis=-1, keepdims=True))).squeeze(-1)
-    return _picked(logits, targets) - lse, lse
+    shifted_exp = fast_exp_nonpositive(logits - top)
+    total = shifted_exp.sum(axis=-1, keepdims=True)
+    lse = (top + mx.log(total)).squeeze(-1)
+    return _picked(logits, targets) - lse, lse, shifted_exp, total
 
 
 @_target_logps.vjp
 def _target_logps_vjp(primals, cotangents, outputs):
-    # d logp / d logits = onehot(target) - softmax, d lse / d logits = softmax: one fused pass over
-    # the vocabulary that recomputes the softmax from the kept log-partition. Autodiff would keep
-    # the softmax from the forward and scatter the target's gradient into a zeroed
-    # vocabulary-wide array, then add the two (measured: more peak memory, three more passes).
+    # d logp / d logits = onehot(target) - softmax, d lse / d logits = softmax, and the softmax is
+    # the forward's exp(logits - max) over its row sum: one fused pass over the vocabulary. Keeping
+    # that exp instead of the logits frees the logits after the forward, and the backward needs no
+    # exp of its own (whose two kernels each wrote a vocabulary-wide array). Autodiff would keep
+    # the softmax too, but scatter the target's gradient into a zeroed vocabulary-wide array and
+    # add the two (measured: more peak memory, three more passes).
     logits, targets = primals
-    d_logp, d_lse = cotangents
-    probs = fast_exp_nonpositive(logits - outputs[1][..., None])
+    d_logp, d_lse = cotangents[:2]
+    shifted_exp, total = outputs[2], outputs[3]
     target = mx.arange(logits.shape[-1]) == targets[..., None]
-    d_logits = mx.where(target, d_logp[..., None], 0.0) + (d_lse - d_logp)[..., None] * probs
+    d_logits = mx.where(target, d_logp[..., None], 0.0) + ((d_lse - d_logp)[..., None] / total) * shifted_exp
     return d_logits, mx.zeros_like(targets)
 
 
