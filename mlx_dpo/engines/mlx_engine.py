@@ -13,7 +13,7 @@ from .. import cpu_kernels
 from ..config import Config
 from ..data.batching import Batch
 from ..distributed.exchange import sum_over_ranks
-from ..hardware import keep_cpu_buffers
+from ..hardware import fit_cpu_cache, keep_cpu_buffers
 from ..logprobs import sequence_logps, token_kl
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
@@ -39,6 +39,7 @@ class MLXEngine:
         self.loss = LOSSES[cfg.training.loss_type]
         self._grad_fn = nn.value_and_grad(self.models.policy, self._loss_terms)
         self._grads = None
+        self._cache_fitted = False
         self.group = None  # an mx.distributed group when training on several ranks
         self.fast = FastPath(self)  # the hot path (engines/mlx_fast.py); None plan = plain path
         self.notes.append(self.fast.describe())
@@ -117,6 +118,10 @@ class MLXEngine:
         # One evaluation for norm, clip and step: a non-finite norm is refused inside the graph.
         norm, ok = self._update(grads)
         mx.eval(norm, ok, self.models.policy.trainable_parameters(), self.optimizer.state)
+        if not self._cache_fitted:  # the first step's working set sizes MLX's CPU buffer cache
+            del grads
+            fit_cpu_cache()
+            self._cache_fitted = True
         return float(norm), bool(ok)
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
