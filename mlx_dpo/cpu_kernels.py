@@ -140,11 +140,16 @@ def _target_logps_vjp(primals, cotangents, outputs):
     return d_logits, mx.zeros_like(targets)
 
 
+# Compiled on its own too, for the passes that run eagerly (reference log-probs, evaluation): its
+# exp's ~20 ops would otherwise each write a vocabulary-wide array.
+_compiled_target_logps = mx.compile(_target_logps)
+
+
 def target_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """log softmax(logits)[target] over the last axis (float32 logits): the fast one inside
     `installed`."""
     if _ACTIVE.get():
-        return _target_logps(logits, targets)[0]
+        return _compiled_target_logps(logits, targets)[0]
     return _picked(logits, targets) - mx.logsumexp(logits, axis=-1)
 
 

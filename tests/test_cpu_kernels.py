@@ -118,3 +118,20 @@ def test_target_logps_backward_keeps_one_vocabulary_array_not_the_logits():
         mx.eval(step(x))
     arrays = (mx.get_peak_memory() - before) / (n * vocab * 4)
     assert arrays < 4.5, f"peak of {arrays:.2f} logits-sized arrays"
+
+
+def test_eager_target_logps_fuse_their_exp(tiny_model):
+    # Reference log-probs and evaluation run outside the compiled step; the fast exp's ops then
+    # still fuse instead of each writing a vocabulary-wide array.
+    import mlx_lm
+
+    logits = mx.random.normal((64, 8192), key=mx.random.key(4))
+    targets = mx.random.randint(0, 8192, (64,), key=mx.random.key(5))
+    mx.eval(logits, targets)
+    with cpu_kernels.installed(mlx_lm.load(str(tiny_model))[0]):
+        for _ in range(2):
+            before = mx.get_active_memory()
+            mx.reset_peak_memory()
+            mx.eval(cpu_kernels.target_logps(logits, targets))
+    arrays = (mx.get_peak_memory() - before) / logits.nbytes
+    assert arrays < 3.5, f"peak of {arrays:.2f} logits-sized arrays"
