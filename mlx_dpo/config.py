@@ -153,11 +153,12 @@ class ComputeConfig:
                                     "step's buffers, scripts/bench_cpu_ops.py, and as accurate); attention's own VJP; "
                                     "LoRA's low-rank product accumulated into the base matmul "
                                     "(mlx_dpo/cpu_lora.py). No effect on Metal.")
-    attention_block: int = opt(256, "MLX on the CPU, with fast_cpu_math: causal attention over long sequences "
-                                     "(a layer's queries x keys >= 1024 x 1024) takes this many query rows at a "
-                                     "time against the keys they can see, and recomputes their softmax in the "
-                                     "backward instead of keeping it (mlx_dpo/cpu_attention.py); 0 = all "
-                                     "rows at once, softmax kept. No effect on Metal.", min=0)
+    attention_block: int = opt(256, "MLX on the CPU, with fast_cpu_math: causal attention takes this many query "
+                                     "rows at a time against the keys they can see (the masked upper triangle is "
+                                     "skipped); over long sequences (a layer's queries x keys >= 1024 x 1024) each "
+                                     "block recomputes its softmax in the backward instead of keeping it "
+                                     "(mlx_dpo/cpu_attention.py); 0 = all rows at once, softmax kept. "
+                                     "No effect on Metal.", min=0)
 
 
 @dataclass

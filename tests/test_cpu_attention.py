@@ -128,3 +128,22 @@ def test_blocks_only_from_the_threshold(monkeypatch):
     monkeypatch.setattr(cpu_attention, "BLOCKED_FROM", T * (OFFSET + T))
     cpu_attention.attention(q, k, v, None, scale=0.25, mask="causal")
     assert calls == [8]
+
+
+@pytest.mark.parametrize("block", [1, 4, 8, T, 128])
+@pytest.mark.parametrize("offset,padded", [(OFFSET, False), (OFFSET, True), (0, True), (0, False)])
+def test_kept_blocks_attention_equals_mlx_sdpa_for_any_block_size(block, offset, padded):
+    q, k, v = _qkv(offset)
+    mask = CausalMask(offset, mx.array(LEFT_PAD) if padded else None)
+    _assert_same(lambda *a: cpu_attention.kept_blocks_attention(*a, 0.25, mask, block=block),
+                 _mlx_attention(mask.array(T)), q, k, v)
+
+
+def test_below_the_threshold_blocks_keep_their_softmax(monkeypatch):
+    kept = []
+    monkeypatch.setattr(cpu_attention, "kept_blocks_attention", lambda *a: kept.append(a[-1]) or a[0])
+    monkeypatch.setattr(cpu_attention, "attention_block", lambda: 8)
+    monkeypatch.setattr(cpu_attention, "BLOCKED_FROM", T * (OFFSET + T) + 1)
+    q, k, v = _qkv()
+    cpu_attention.attention(q, k, v, None, scale=0.25, mask="causal")
+    assert kept == [8]
