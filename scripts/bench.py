@@ -94,11 +94,10 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     # the memory setting each trainer offers, on both
     "mlx-dpo-lora/checkpointing": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True}}),
     "mlx-lm-lora-lora/checkpointing": ("mlx-lm-lora", "lora", {"mlx_lm_lora": {"grad_checkpoint": True}}),
-    # mlx-dpo's lowest-memory setting: checkpointing, MLX's default CPU buffer cache and its
-    # default evaluation width (README, "Lowest memory")
-    "mlx-dpo-lora/low-memory": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True},
-                                                    "env": {"MLX_DPO_CPU_CACHE_FRACTION": "0",
-                                                            "MLX_BFS_MAX_WIDTH": "20"}}),
+    # mlx-dpo's lowest-memory setting: checkpointing, one CPU stream and MLX's default evaluation
+    # width (README, "Lowest memory")
+    "mlx-dpo-lora/low-memory": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True, "cpu_streams": 1},
+                                                    "env": {"MLX_BFS_MAX_WIDTH": "20"}}),
 }
 
 
