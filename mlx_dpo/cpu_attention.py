@@ -26,7 +26,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .cpu_kernels import MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive, row_max
+from .cpu_kernels import MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive, row_max, row_sum
 
 BLOCKED_FROM = 1024 * 1024  # queries x keys of a layer from which blocks pay (measured, see above)
 ROW_ALIGN = 16  # causal attention's key axis is padded to a multiple of this (see _aligned)
@@ -129,7 +129,7 @@ def _make_blocked(scale: float, offset: int, block: int, padded: bool):
             scores = _scores(q[:, :, first:stop], k[:, :, :seen], mask.keep(first, stop, seen))
             top = mx.stop_gradient(row_max(scores))
             weights = fast_exp_nonpositive(scores - top)
-            total = weights.sum(axis=-1, keepdims=True)
+            total = row_sum(weights)
             outs.append(_times_values(weights, v[:, :, :seen]) / total)
             lses.append(top + mx.log(total))
         return mx.concatenate(outs, axis=2), mx.concatenate(lses, axis=2)
@@ -170,7 +170,7 @@ def _dense(q_scaled, k, v, keep):
     """Softmax attention under a boolean mask; returns the output and, for the backward, the
     unnormalised weights and their row sums."""
     weights = fast_exp_nonpositive(_stable(_scores(q_scaled, k, keep)))
-    total = weights.sum(axis=-1, keepdims=True)
+    total = row_sum(weights)
     return _times_values(weights, v) / total, weights, total
 
 
@@ -214,7 +214,7 @@ def dense_attention(queries, keys, values, scale: float, mask) -> mx.array:
     if mask is not None:  # additive: clamped so that -inf stays finite for the fast exp
         scores = scores + mx.maximum(mask.astype(queries.dtype), MASKED)
     weights = exp_nonpositive(_stable(scores))
-    return _times_values(weights, values) / weights.sum(axis=-1, keepdims=True)
+    return _times_values(weights, values) / row_sum(weights)
 
 
 def attention(queries, keys, values, cache, scale: float, mask, sinks=None):

@@ -75,11 +75,23 @@ def row_max(x: mx.array) -> mx.array:
     vectorises (scripts/bench_cpu_ops.py: rows of 1240 attention scores 1.0-1.6 -> 0.5-0.8 ns per
     float, vocabulary rows of 49152 1.1-1.8 -> 0.22-0.43). A maximum does not depend on the
     order it is taken in."""
+    return _by_lanes(x, "max")
+
+
+def row_sum(x: mx.array) -> mx.array:
+    """x.sum(axis=-1, keepdims=True) by the same lanes as `row_max` (scripts/bench_cpu_ops.py):
+    `lanes` partial sums, then their sum, which rounds differently from MLX's one running sum and
+    no worse (its error grows with n / lanes rather than n)."""
+    return _by_lanes(x, "sum")
+
+
+def _by_lanes(x: mx.array, op: str) -> mx.array:
     n = x.shape[-1]
     for lanes in (32, 16, 8):
         if n % lanes == 0 and n >= 2 * lanes:
-            return x.reshape(*x.shape[:-1], n // lanes, lanes).max(axis=-2).max(axis=-1, keepdims=True)
-    return x.max(axis=-1, keepdims=True)
+            parts = getattr(x.reshape(*x.shape[:-1], n // lanes, lanes), op)(axis=-2)
+            return getattr(parts, op)(axis=-1, keepdims=True)
+    return getattr(x, op)(axis=-1, keepdims=True)
 
 
 @mx.custom_function
@@ -119,7 +131,7 @@ def _target_logps(logits: mx.array, targets: mx.array):
     two are kept for the backward, which then needs neither the logits nor another exp."""
     top = mx.stop_gradient(row_max(logits))
     shifted_exp = fast_exp_nonpositive(logits - top)
-    total = shifted_exp.sum(axis=-1, keepdims=True)
+    total = row_sum(shifted_exp)
     lse = (top + mx.log(total)).squeeze(-1)
     return _picked(logits, targets) - lse, lse, shifted_exp, total
 

@@ -7,8 +7,9 @@ decides how much of a DPO step the matmuls are on a given machine.
 Each elementwise op is timed twice: with MLX's default 32 MiB buffer cache, where every 40 MB
 result lands in fresh pages that the kernel must map and zero (what one-off work pays), and
 with the cache that training sets up (`hardware.keep_cpu_buffers`), where a step's results
-reuse freed buffers (what the ops inside a training step pay). Row maxima are timed against
-`cpu_kernels.row_max`, and one LoRA layer's forward and backward against `cpu_lora`'s.
+reuse freed buffers (what the ops inside a training step pay). Row maxima and sums are timed
+against `cpu_kernels.row_max` and `row_sum`, and one LoRA layer's forward and backward against
+`cpu_lora`'s.
 """
 import time
 
@@ -71,12 +72,15 @@ def main() -> None:
             hardware.keep_cpu_buffers()
         for name, fn in ops:
             print(f"{name}, {cache}: {best_seconds(fn, x) / N * 1e9:.2f} ns per float")
-    # Row maxima (a softmax's first pass), reused buffers: attention scores, then a vocabulary row.
+    # Row maxima and sums (a softmax's reductions), reused buffers: attention scores, then
+    # vocabulary rows.
     for shape in [(9, 620, 1240), (200, 49152)]:
         rows = mx.random.normal(shape)
         mx.eval(rows)
         for name, fn in [("MLX max", lambda r: r.max(axis=-1, keepdims=True)),
-                         ("mlx-dpo row_max", cpu_kernels.row_max)]:
+                         ("mlx-dpo row_max", cpu_kernels.row_max),
+                         ("MLX sum", lambda r: r.sum(axis=-1, keepdims=True)),
+                         ("mlx-dpo row_sum", cpu_kernels.row_sum)]:
             print(f"{name} over rows of {shape[-1]}: {best_seconds(fn, rows) / rows.size * 1e9:.2f} ns per float")
     lora_layers()
     a, b = mx.random.normal((2048, 2048)), mx.random.normal((2048, 2048))

@@ -102,6 +102,17 @@ def test_row_max_is_mlx_max_exactly(n):
     assert np.isnan(np.array(cpu_kernels.row_max(with_nan))).all()
 
 
+@pytest.mark.parametrize("n", [7, 24, 48, 1240, 49152])  # no lanes, 8, 16, 8 and 32 lanes
+def test_row_sum_is_the_sum_in_float64_to_float32_rounding(n):
+    x = mx.random.uniform(shape=(3, 5, n), key=mx.random.key(n))  # softmax weights are in [0, 1]
+    x = mx.where(mx.arange(n) % 3 == 0, 0.0, x)
+    exact = np.array(x).astype(np.float64).sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.array(cpu_kernels.row_sum(x)), exact, rtol=2e-6)
+    assert cpu_kernels.row_sum(x).shape == (3, 5, 1)
+    grad = mx.grad(lambda a: (cpu_kernels.row_sum(a) * mx.arange(15.0).reshape(3, 5, 1)).sum())(x)
+    np.testing.assert_array_equal(np.array(grad), np.broadcast_to(np.arange(15.0).reshape(3, 5, 1), x.shape))
+
+
 def test_target_logps_backward_keeps_one_vocabulary_array_not_the_logits():
     # The backward reuses the forward's exp(logits - max): the logits die with the forward and no
     # second exp runs. A compiled value-and-grad of the head peaked at five logits-sized arrays
