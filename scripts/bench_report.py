@@ -227,11 +227,12 @@ def extra_sections(results: dict, earlier) -> list[str]:
 NOTES = """Scale: a token's matmul work grows with its context (attention's QK and PV products; the
 bench's FLOP count per token is given with the goal above), so constant seconds per token up to
 1024 means that the matmul rate rises with the length as fast as that work does; the GFLOP/s
-column shows it. Below 1024 x 1024 scores per attention part (the shared-prompt row has two:
-prompt + chosen, and rejected against prompt + rejected) attention is dense, its unnormalised
-softmax kept for the backward: there it was the fastest on this CPU. From 1024 x 1024 scores,
-the causal query blocks of `compute.attention_block` take over (mlx_dpo/cpu_attention.py: only
-the keys each block can see, softmax recomputed in the backward); see "Where a step's time goes" below.
+column shows it. Causal attention takes its queries in blocks of `compute.attention_block` rows
+(256), each scored only against the keys it can see (mlx_dpo/cpu_attention.py). Below 1024 x 1024
+scores per attention part (the shared-prompt row has two: prompt + chosen, and rejected against
+prompt + rejected) each block keeps its unnormalised softmax for the backward (at seq 256 a part
+is a single block); from 1024 x 1024 scores the blocks recompute it in the backward instead. See
+"Where a step's time goes" below.
 
 How to read it: compare pairs/s, the one unit every trainer shares; tokens/s is each
 trainer's own count (mlx-dpo: every real token of the 2B sequences; mlx-lm-lora: its mask sum),
@@ -250,7 +251,7 @@ checkpointing; mlx-dpo clips gradients (max_grad_norm 1.0, as TRL does), mlx-lm-
 Rows with a slash switch one technique off: `plain` is the full-logits path with a live
 reference, no shared prompt, no compile, MLX's own exp and one CPU stream; `mlx-exp` turns
 mlx-dpo's CPU kernels off (`compute.fast_cpu_math`: the fast exp, attention's own VJP and blocks,
-LoRA's addmm, the vectorised row maximum), leaving MLX's `exp` and mlx-lm's own layers; `one-stream` runs the
+LoRA's addmm, the vectorised row maxima and sums), leaving MLX's `exp` and mlx-lm's own layers; `one-stream` runs the
 micro-batch on one CPU stream (`compute.cpu_streams: 1`); `mlx-cache` keeps MLX's default CPU
 buffer cache (`MLX_DPO_CPU_CACHE_FRACTION=0`); `checkpointing` turns on each trainer's gradient
 checkpointing (mlx-dpo: `compute.gradient_checkpointing`, every block; mlx-lm-lora: its
