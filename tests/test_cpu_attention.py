@@ -55,13 +55,14 @@ def test_attention_equals_mlx_sdpa_for_mlx_lm_masks(mask_kind):
     _assert_same(lambda *a: cpu_attention.attention(*a, None, scale=0.25, mask=mask), _mlx_attention(mask), q, k, v)
 
 
+@pytest.mark.parametrize("blocks", ["blocked_attention", "kept_blocks_attention"])  # recomputed, kept softmax
 @pytest.mark.parametrize("block", [1, 4, 8, T, 128])
 @pytest.mark.parametrize("offset,padded", [(OFFSET, False), (OFFSET, True), (0, True), (0, False)])
-def test_blocked_attention_equals_mlx_sdpa_for_any_block_size(block, offset, padded):
+def test_attention_in_blocks_equals_mlx_sdpa_for_any_block_size(blocks, block, offset, padded):
     q, k, v = _qkv(offset)
     mask = CausalMask(offset, mx.array(LEFT_PAD) if padded else None)
-    _assert_same(lambda *a: cpu_attention.blocked_attention(*a, 0.25, mask, block=block),
-                 _mlx_attention(mask.array(T)), q, k, v)
+    attend = getattr(cpu_attention, blocks)
+    _assert_same(lambda *a: attend(*a, 0.25, mask, block=block), _mlx_attention(mask.array(T)), q, k, v)
 
 
 def test_blocked_attention_compiles_and_takes_the_padding_as_an_input():
@@ -128,15 +129,6 @@ def test_blocks_only_from_the_threshold(monkeypatch):
     monkeypatch.setattr(cpu_attention, "BLOCKED_FROM", T * (OFFSET + T))
     cpu_attention.attention(q, k, v, None, scale=0.25, mask="causal")
     assert calls == [8]
-
-
-@pytest.mark.parametrize("block", [1, 4, 8, T, 128])
-@pytest.mark.parametrize("offset,padded", [(OFFSET, False), (OFFSET, True), (0, True), (0, False)])
-def test_kept_blocks_attention_equals_mlx_sdpa_for_any_block_size(block, offset, padded):
-    q, k, v = _qkv(offset)
-    mask = CausalMask(offset, mx.array(LEFT_PAD) if padded else None)
-    _assert_same(lambda *a: cpu_attention.kept_blocks_attention(*a, 0.25, mask, block=block),
-                 _mlx_attention(mask.array(T)), q, k, v)
 
 
 def test_below_the_threshold_blocks_keep_their_softmax(monkeypatch):
