@@ -24,7 +24,7 @@ CPU_ENV_DEFAULTS = {"MLX_BFS_MAX_WIDTH": "2000"}
 # MLX keeps freed buffers for reuse only up to its cache limit, 32 MiB by default on the CPU;
 # larger ones go back to the OS, and each step then page-faults its big arrays in again
 # (27,000 faults, ~67 ms, for one 112 MB logits array). Up to a quarter of RAM is allowed until
-# the first training step has run; then the limit shrinks to what that step left in the cache
+# the first training step has run; from then on the limit follows the largest step's working set
 # (`fit_cpu_cache`): MLX reuses a cached buffer only for a request of nearly its size, so a larger
 # cache would fill with buffers of other shapes and count as resident memory for nothing
 # (MLX_DPO_CPU_CACHE_FRACTION=0 keeps MLX's default).
@@ -128,14 +128,16 @@ def keep_cpu_buffers() -> None:
 
 
 def fit_cpu_cache(margin: float = 1.25) -> None:
-    """After a training step on the CPU: cap MLX's buffer cache at what the step left in it (its
-    working set, reused by the next step of a similar shape) times `margin`, never below MLX's
-    default. Buffers of one-off shapes then go back to the OS instead of staying resident."""
+    """After a training step on the CPU: cap MLX's buffer cache at the largest working set a step
+    has had so far (MLX's peak memory minus what stays alive between steps) times `margin`, never
+    below MLX's default. The next step of a similar shape finds its buffers cached; a larger
+    batch raises the cap; buffers beyond it go back to the OS instead of staying resident."""
     import mlx.core as mx
 
     ours = _runtime.get("cpu_cache_limit")
     if ours and mx.default_device() == mx.cpu:  # only a limit keep_cpu_buffers raised
-        mx.set_cache_limit(min(ours, max(int(mx.get_cache_memory() * margin), 32 * 2**20)))
+        working = mx.get_peak_memory() - mx.get_active_memory()
+        mx.set_cache_limit(min(ours, max(int(working * margin), 32 * 2**20)))
 
 
 def cache_root() -> Path:

@@ -268,7 +268,7 @@ Peak memory: "peak MLX GB" is MLX's allocator peak (arrays alive at once), as ml
 mlx-lm-lora report it; "peak RSS GB" is the process's peak resident memory over the whole run
 (reference pass included), which also holds the Python runtime and its imports (~0.26 GB here,
 PyTorch included: `transformers` imports it when it is installed, for every row alike) and MLX's
-buffer cache. mlx-dpo sizes that cache on the CPU to the first training step's working set so
+buffer cache. mlx-dpo sizes that cache on the CPU to the largest training step's working set so
 that a step's large arrays are reused rather than page-faulted in again (the `mlx-cache` row
 shows what that buys); mlx-lm-lora keeps MLX's 32 MiB default, and `MLX_DPO_CPU_CACHE_FRACTION=0`
 gives mlx-dpo the same."""

@@ -39,7 +39,6 @@ class MLXEngine:
         self.loss = LOSSES[cfg.training.loss_type]
         self._grad_fn = nn.value_and_grad(self.models.policy, self._loss_terms)
         self._grads = None
-        self._cache_fitted = False
         self.group = None  # an mx.distributed group when training on several ranks
         self.fast = FastPath(self)  # the hot path (engines/mlx_fast.py); None plan = plain path
         self.notes.append(self.fast.describe())
@@ -118,10 +117,8 @@ class MLXEngine:
         # One evaluation for norm, clip and step: a non-finite norm is refused inside the graph.
         norm, ok = self._update(grads)
         mx.eval(norm, ok, self.models.policy.trainable_parameters(), self.optimizer.state)
-        if not self._cache_fitted:  # the first step's working set sizes MLX's CPU buffer cache
-            del grads
-            fit_cpu_cache()
-            self._cache_fitted = True
+        del grads
+        fit_cpu_cache()  # MLX's CPU buffer cache follows the largest step's working set
         return float(norm), bool(ok)
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
