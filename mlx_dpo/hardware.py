@@ -13,6 +13,7 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 # Metal allocator settings the workflow asks for; a user's own value always wins.
 METAL_ENV_DEFAULTS = {"MLX_METAL_PREALLOCATE": "1", "MLX_METAL_FAST_SYNCH": "1"}
@@ -114,17 +115,28 @@ def openblas_threads(count: int):
         set_(before)
 
 
+def cpu_cache_ceiling() -> int:
+    """The most MLX's CPU buffer cache may hold, in bytes: CPU_CACHE_FRACTION of RAM."""
+    return int(_system_memory_gb() * CPU_CACHE_FRACTION * 2**30)
+
+
+# The ceiling keep_cpu_buffers raised MLX's cache limit to (None: it raised nothing, so
+# fit_cpu_cache leaves the limit to whoever set it).
+_raised_cache_limit: Optional[int] = None
+
+
 def keep_cpu_buffers() -> None:
     """On the CPU, let MLX's buffer cache hold a step's arrays (see CPU_CACHE_FRACTION)."""
     import mlx.core as mx
 
+    global _raised_cache_limit
     if mx.default_device() == mx.cpu:
-        wanted = int(_system_memory_gb() * CPU_CACHE_FRACTION * 2**30)
+        wanted = cpu_cache_ceiling()
         previous = mx.set_cache_limit(wanted)
         if previous > wanted:  # never lower a limit someone already raised
             mx.set_cache_limit(previous)
         else:
-            _runtime["cpu_cache_limit"] = wanted
+            _raised_cache_limit = wanted
 
 
 def fit_cpu_cache(margin: float = 1.25) -> None:
@@ -134,10 +146,9 @@ def fit_cpu_cache(margin: float = 1.25) -> None:
     batch raises the cap; buffers beyond it go back to the OS instead of staying resident."""
     import mlx.core as mx
 
-    ours = _runtime.get("cpu_cache_limit")
-    if ours and mx.default_device() == mx.cpu:  # only a limit keep_cpu_buffers raised
+    if _raised_cache_limit and mx.default_device() == mx.cpu:
         working = mx.get_peak_memory() - mx.get_active_memory()
-        mx.set_cache_limit(min(ours, max(int(working * margin), 32 * 2**20)))
+        mx.set_cache_limit(min(_raised_cache_limit, max(int(working * margin), 32 * 2**20)))
 
 
 def cache_root() -> Path:

@@ -54,28 +54,28 @@ def test_two_streams_train_like_one(make_config, finetune):
     assert int(np.array(engines[0].optimizer.state["step"])) == 3
 
 
+def _cache_limit() -> int:
+    """MLX's current buffer-cache limit (MLX reads it only by setting a new one)."""
+    value = mx.set_cache_limit(0)
+    mx.set_cache_limit(value)
+    return value
+
+
 def test_runtime_defaults_for_the_cpu():
     from mlx_dpo import hardware
 
     if os.uname().sysname == "Linux":
         assert int(os.environ["MLX_BFS_MAX_WIDTH"]) >= 2000
     hardware.keep_cpu_buffers()
-    limit = mx.set_cache_limit(0)
-    mx.set_cache_limit(limit)
-    assert limit >= hardware._system_memory_gb() * hardware.CPU_CACHE_FRACTION * 2**30 * 0.99
+    assert _cache_limit() >= hardware.cpu_cache_ceiling() * 0.99
 
 
 def test_cpu_cache_follows_the_largest_steps_working_set(make_config):
     from mlx_dpo import hardware, refcache
 
-    def limit() -> int:
-        value = mx.set_cache_limit(0)
-        mx.set_cache_limit(value)
-        return value
-
     engine = MLXEngine(make_config())
-    quarter = int(hardware._system_memory_gb() * hardware.CPU_CACHE_FRACTION * 2**30)
-    assert limit() >= quarter * 0.99  # raised for the first step
+    quarter = hardware.cpu_cache_ceiling()
+    assert _cache_limit() >= quarter * 0.99  # raised for the first step
     pairs = _pairs(4, seed=2)
     refcache.compute(engine, pairs, 2)
     assert mx.get_cache_memory() == 0  # the one-off reference pass leaves nothing cached
@@ -83,12 +83,12 @@ def test_cpu_cache_follows_the_largest_steps_working_set(make_config):
     engine.forward_backward(collate(pairs, pad_id=2), 4)
     engine.apply_update(1e-3)
     working = mx.get_peak_memory() - mx.get_active_memory()
-    assert limit() == max(int(working * 1.25), 32 * 2**20) < quarter
+    assert _cache_limit() == max(int(working * 1.25), 32 * 2**20) < quarter
     # A larger working set (a 256 MiB intermediate) raises the cap; smaller ones leave it there.
     mx.eval((mx.ones((2**26,)) * 2).sum())
     hardware.fit_cpu_cache()
-    raised = limit()
+    raised = _cache_limit()
     assert raised >= 1.25 * 256 * 2**20
     mx.eval((mx.ones((2**20,)) * 2).sum())
     hardware.fit_cpu_cache()
-    assert limit() == raised < quarter
+    assert _cache_limit() == raised < quarter
