@@ -198,16 +198,18 @@ def main() -> None:
         write_docs(results, ROOT / "docs")
 
 
-def _base_spec(args, work: Path, model: Path, seq: int, batch: int) -> dict:
+def base_spec(work: Path, model: Path, seq: int, batch: int, steps: int, warmup: int) -> dict:
+    """The runners' common spec: the bench's pairs at this length (written under `work`), the model,
+    batch shape, step counts and LoRA shape."""
     data = work / f"pairs-{seq}.jsonl"
     make_pairs(data, max(4 * batch, 8), seq)
-    return {"model": str(model), "data": str(data), "batch": batch, "steps": args.steps, "warmup": args.warmup,
+    return {"model": str(model), "data": str(data), "batch": batch, "steps": steps, "warmup": warmup,
             "lr": 1e-6, "lora_rank": 8, "lora_scale": 20.0, "max_prompt": seq, "max_completion": seq,
             "cache_dir": str(work / "scratch")}
 
 
 def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> list[dict]:
-    base = _base_spec(args, work, model, args.seq, args.batch)
+    base = base_spec(work, model, args.seq, args.batch, args.steps, args.warmup)
     runs: dict = {name: [] for name in rows}
     peaks = []
     for rnd in range(args.rounds):
@@ -233,7 +235,7 @@ def bench_scale(args, work: Path, model: Path, config: dict) -> list[dict]:
     out = []
     for seq, batch in [(256, 2), (512, 2), (1024, 2), (256, 1), (256, 4)]:
         print(f"scale: seq {seq}, batch {batch}", flush=True)
-        run = run_row("mlx-dpo-lora", _base_spec(args, work, model, seq, batch))
+        run = run_row("mlx-dpo-lora", base_spec(work, model, seq, batch, args.steps, args.warmup))
         row = summarize(f"seq{seq}-b{batch}", [run], 0)
         row.update(seq=seq, batch=batch)
         if "error" not in row:

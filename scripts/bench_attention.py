@@ -34,8 +34,7 @@ def main() -> None:
     seq, batch, blocks = int(sys.argv[1]), int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
     repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     work = bench.ROOT / ".bench"
-    spec = bench._base_spec(type("Args", (), {"steps": repeats, "warmup": 1}), work,
-                            work / "smollm2-135m-instruct", seq, batch)
+    spec = bench.base_spec(work, work / "smollm2-135m-instruct", seq, batch, steps=repeats, warmup=1)
     cfg = config_from_dict(bench_runners._mlx_dpo_config({**spec, "finetune": "lora"}, {}), source="bench")
     engine = MLXEngine(cfg)
     threshold = sys.argv[5] if len(sys.argv) > 5 else "0"

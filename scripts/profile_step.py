@@ -73,8 +73,7 @@ def main() -> None:
     from mlx_dpo.engines.mlx_engine import MLXEngine
 
     work = bench.ROOT / ".bench"
-    spec = bench._base_spec(type("Args", (), {"steps": 0, "warmup": 0}), work, bench.default_model(work),
-                            args.seq, args.batch)
+    spec = bench.base_spec(work, bench.default_model(work), args.seq, args.batch, steps=0, warmup=0)
     spec["finetune"] = args.finetune
     cfg = config_from_dict(bench_runners._mlx_dpo_config(spec, {}), source="profile")
     engine = MLXEngine(cfg)
