@@ -26,6 +26,8 @@ import numpy as np
 from . import cpu_kernels
 from .cpu_attention import SharedPromptMask
 from .data.batching import Batch
+from .head_logps import head_logps
+from .logprobs import token_logps
 
 PAD_MULTIPLE = 16  # grid widths are rounded up: fewer distinct shapes, fewer mx.compile traces
 
@@ -132,13 +134,39 @@ def split_model(model):
     return None
 
 
-def completion_logits(model, shared: bool, arrays: tuple) -> mx.array:
-    """Logits (N, C, V) at the positions that predict the plan's targets; `arrays` is
+def head_weight(model) -> Optional[mx.array]:
+    """The (V, D) matrix of a head that is a plain matmul, logits = hidden @ W.T (an unquantized,
+    bias-free `lm_head`, or tied embeddings); None for any other head."""
+    import mlx.nn as nn
+
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None:
+        return lm_head.weight if type(lm_head) is nn.Linear and "bias" not in lm_head else None
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    return embed.weight if type(embed) is nn.Embedding else None
+
+
+def completion_hidden(model, shared: bool, arrays: tuple) -> mx.array:
+    """Hidden states (N, C, D) at the positions that predict the plan's targets; `arrays` is
     `plan.arrays()` and `shared` is `plan.shared`."""
-    body, head = split_model(model)
-    if shared:
-        return head(_shared_hidden(body, *arrays))
-    return head(_gathered_hidden(body, *arrays))
+    body, _ = split_model(model)
+    return _shared_hidden(body, *arrays) if shared else _gathered_hidden(body, *arrays)
+
+
+def completion_logits(model, shared: bool, arrays: tuple) -> mx.array:
+    """Logits (N, C, V) at the positions that predict the plan's targets."""
+    return split_model(model)[1](completion_hidden(model, shared, arrays))
+
+
+def completion_logps(model, shared: bool, arrays: tuple, targets: mx.array) -> mx.array:
+    """log p(target) (N, C) at the plan's completion positions: through head_logps.py's
+    vocabulary chunks when the head is a plain matmul (the logits never exist whole), else
+    from the logits."""
+    hidden = completion_hidden(model, shared, arrays)
+    weight = head_weight(model)
+    if weight is not None:
+        return head_logps(hidden, weight, targets)
+    return token_logps(split_model(model)[1](hidden), targets)
 
 
 def _gathered_hidden(body, inputs: mx.array, flat_index: mx.array) -> mx.array:

@@ -14,7 +14,7 @@ from ..config import Config
 from ..data.batching import Batch
 from ..distributed.exchange import sum_over_ranks
 from ..hardware import fit_cpu_cache, keep_cpu_buffers
-from ..logprobs import sequence_logps, token_kl
+from ..logprobs import sequence_logps, token_kl, token_logps
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
 from ..preference_gap import pair_gaps
@@ -49,7 +49,12 @@ class MLXEngine:
 
     # -- the differentiated function ------------------------------------------------------
     def _policy_logps(self, logits, targets, mask):
-        logps = sequence_logps(logits, targets, mask)
+        return self._reduce_logps(token_logps(logits, targets), mask)
+
+    def _reduce_logps(self, token_lps, mask):
+        """Per-sequence log-probs (N,) from per-token ones (N, T): the completion's sum, or its
+        mean for length-normalised losses."""
+        logps = (token_lps * mask).sum(axis=-1)
         if self.loss.length_normalized:
             logps = logps / mx.maximum(mask.sum(axis=-1), 1)
         return logps
@@ -60,7 +65,9 @@ class MLXEngine:
 
     def _dpo_terms(self, logits, targets, mask, ref_logps):
         """sum(losses) and (losses, chosen_rewards, rejected_rewards, policy logps)."""
-        logps = self._policy_logps(logits, targets, mask)
+        return self._dpo_terms_from_logps(self._policy_logps(logits, targets, mask), ref_logps)
+
+    def _dpo_terms_from_logps(self, logps, ref_logps):
         b = logps.shape[0] // 2
         t = self.cfg.training
         losses, cr, rr = self.loss.fn(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:],

@@ -13,9 +13,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..completion import Plan, can_share_prompt, completion_logits, make_plan, split_model
+from ..completion import Plan, can_share_prompt, completion_logits, completion_logps, make_plan, split_model
 from ..data.batching import Batch
-from ..logprobs import sequence_logps
 from ..models import adapters_disabled
 from .cpu_streams import on_stream
 
@@ -49,21 +48,24 @@ class FastPath:
         return make_plan(batch, self.shared) if self.enabled else None
 
     # -- differentiated function --------------------------------------------------------------
-    def logps(self, logits, plan_targets, plan_weights):
-        return self.engine._policy_logps(logits, plan_targets, plan_weights)
-
-    def reference_logits(self, shared: bool, arrays: tuple) -> mx.array:
+    def _reference(self, fn, *args) -> mx.array:
+        """fn(reference model, *args) without gradients: the separate reference, or the policy
+        with its adapters off."""
         models = self.engine.models
         if models.reference is not None:
-            return mx.stop_gradient(completion_logits(models.reference, shared, arrays))
+            return mx.stop_gradient(fn(models.reference, *args))
         with adapters_disabled(models.policy):
-            return mx.stop_gradient(completion_logits(models.policy, shared, arrays))
+            return mx.stop_gradient(fn(models.policy, *args))
+
+    def reference_logits(self, shared: bool, arrays: tuple) -> mx.array:
+        return self._reference(completion_logits, shared, arrays)
 
     def _loss(self, shared, arrays, targets, weights, ref_logps, scale):
+        reduce = self.engine._reduce_logps
         if ref_logps is None:  # live reference
-            ref_logps = self.logps(self.reference_logits(shared, arrays), targets, weights)
-        logits = completion_logits(self.engine.models.policy, shared, arrays)
-        total, aux = self.engine._dpo_terms(logits, targets, weights, ref_logps)
+            ref_logps = reduce(self._reference(completion_logps, shared, arrays, targets), weights)
+        logps = reduce(completion_logps(self.engine.models.policy, shared, arrays, targets), weights)
+        total, aux = self.engine._dpo_terms_from_logps(logps, ref_logps)
         return total * scale, aux
 
     def _step_fn(self, plan: Plan, cached: bool):
@@ -101,8 +103,8 @@ class FastPath:
 
     def reference_sums(self, plan: Plan) -> mx.array:
         """Summed completion log-probs of the reference, (N,): what the cache stores."""
-        logits = self.reference_logits(plan.shared, plan.arrays())
-        return sequence_logps(logits, mx.array(plan.targets), mx.array(plan.weights))
+        token_logps = self._reference(completion_logps, plan.shared, plan.arrays(), mx.array(plan.targets))
+        return (token_logps * mx.array(plan.weights)).sum(axis=-1)
 
 
 def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = ()):

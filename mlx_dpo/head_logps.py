@@ -1,0 +1,95 @@
+"""Target log-probs straight from hidden states: the LM head and its log-softmax in vocabulary
+chunks, so that the (tokens x vocabulary) logits never exist whole.
+
+A DPO step needs one number per completion token, log softmax(h W^T)[target], yet the plain
+path writes the whole logits array and, around its log-softmax, several more of that size
+(the max-shifted logits, the exp's intermediate, the exp, the backward's gradient). For
+SmolLM2-135M's 49152-word vocabulary those are the largest arrays of a step, and for the
+128k-152k vocabularies of Llama 3 or Qwen they dominate it.
+
+Here the head runs over a few thousand rows of W at a time (`CHUNK_BYTES` of logits). Each chunk keeps only its
+exp(logits - chunk max) for the backward, so one logits-sized array stays alive, plus one
+chunk's temporaries; the chunks' maxima and sums combine into the log-partition as an online
+softmax does. The backward makes each chunk's softmax from its kept exp and a per-row factor
+exp(chunk max - log-partition) and accumulates the hidden states' gradient chunk by chunk
+(`mx.addmm`, no zeroed temporaries). Chunks run along the vocabulary rather than the tokens:
+every chunk's matmul reads a different slice of W, so OpenBLAS packs W once in all, where
+token chunks would pack all of it again for each.
+
+`mx.depends` makes each chunk wait for the previous one: MLX's wide evaluation (mlx-dpo sets
+MLX_BFS_MAX_WIDTH high so that its CPU streams overlap) would otherwise run the chunks side by
+side and keep all their temporaries at once.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import cpu_kernels
+
+CHUNK_BYTES = 4 * 2**20  # float32 logits per chunk (measured, see docs/benchmarks.md)
+MIN_CHUNK = 1024  # rows of W: below this the chunk's matmuls get narrow
+LANES = 32  # chunk widths are multiples of row_max's widest lanes
+
+
+def _chunks(rows: int, vocab: int) -> list[tuple[int, int]]:
+    """(first, stop) rows of W per chunk, for `rows` hidden states."""
+    width = max(CHUNK_BYTES // (4 * rows) // LANES * LANES, MIN_CHUNK)
+    return [(first, min(first + width, vocab)) for first in range(0, vocab, width)]
+
+
+def _exp(x: mx.array) -> mx.array:
+    """exp of numbers <= 0: the fast CPU one inside mlx-dpo's kernels, MLX's own elsewhere."""
+    return cpu_kernels.fast_exp_nonpositive(x) if cpu_kernels.active() else mx.exp(x)
+
+
+@mx.custom_function
+def _head_logps(hidden: mx.array, weight: mx.array, targets: mx.array):
+    """(log p(target) (R,), log-partition (R,), chunk maxima (R, chunks), then each chunk's
+    exp(logits - chunk max)) for hidden (R, D), weight (V, D), targets (R,)."""
+    picked = mx.zeros(targets.shape, dtype=mx.float32)
+    tops, totals, kept = [], [], []
+    for first, stop in _chunks(*targets.shape, weight.shape[0]):
+        if kept:  # this chunk's logits are made once the last chunk's logits are used up
+            hidden = mx.depends(hidden, [kept[-1], totals[-1], picked])
+        logits = (hidden @ weight[first:stop].T).astype(mx.float32)
+        top = mx.stop_gradient(cpu_kernels.row_max(logits))
+        shifted_exp = _exp(logits - top)
+        hit = (targets >= first) & (targets < stop)
+        local = mx.clip(targets - first, 0, stop - first - 1)
+        picked = picked + mx.where(hit, mx.take_along_axis(logits, local[:, None], axis=-1).squeeze(-1), 0.0)
+        tops.append(top)
+        totals.append(cpu_kernels.row_sum(shifted_exp))
+        kept.append(shifted_exp)
+    tops, totals = mx.concatenate(tops, axis=-1), mx.concatenate(totals, axis=-1)
+    top = tops.max(axis=-1, keepdims=True)
+    lse = (top + mx.log((totals * mx.exp(tops - top)).sum(axis=-1, keepdims=True))).squeeze(-1)
+    return (picked - lse, lse, tops, *kept)
+
+
+@_head_logps.vjp
+def _head_logps_vjp(primals, cotangents, outputs):
+    # d logp / d logits = onehot(target) - softmax and d lse / d logits = softmax, where a chunk's
+    # softmax is its kept exp times exp(chunk max - lse): one fused pass per chunk.
+    hidden, weight, targets = primals
+    d_logp, d_lse = cotangents[:2]
+    _, lse, tops, *kept = outputs
+    factor = (d_lse - d_logp)[:, None] * mx.exp(tops - lse[:, None])  # (R, chunks)
+    d_hidden, d_weight = None, []
+    for c, (first, stop) in enumerate(_chunks(*targets.shape, weight.shape[0])):
+        shifted_exp = kept[c] if d_hidden is None else mx.depends(kept[c], d_hidden)
+        target = mx.arange(first, stop) == targets[:, None]
+        d_logits = mx.where(target, d_logp[:, None], 0.0) + factor[:, c:c + 1] * shifted_exp
+        w = weight[first:stop].astype(mx.float32)
+        d_hidden = d_logits @ w if d_hidden is None else mx.addmm(d_hidden, d_logits, w)
+        d_weight.append(d_logits.T @ hidden.astype(mx.float32))  # lazy: evaluated only when W is trained
+    return (d_hidden.astype(hidden.dtype), mx.concatenate(d_weight, axis=0).astype(weight.dtype),
+            mx.zeros_like(targets))
+
+
+def head_logps(hidden: mx.array, weight: mx.array, targets: mx.array) -> mx.array:
+    """log softmax(hidden @ weight.T)[targets] over the vocabulary, float32 (...,), without the
+    logits: hidden (..., D), weight (V, D), targets (...) int. The head's matmuls run in the
+    weights' dtype, the log-softmax in float32 (as token_logps does after an fp16 head)."""
+    shape = targets.shape
+    out = _head_logps(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).astype(mx.int32))
+    return out[0].reshape(shape)

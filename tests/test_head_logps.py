@@ -1,0 +1,130 @@
+"""head_logps.py: target log-probs from hidden states in vocabulary chunks equal the log-softmax
+of the whole logits, with their gradients, and never hold the logits whole."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_dpo import cpu_kernels, head_logps
+from mlx_dpo.completion import completion_logits, completion_logps, head_weight, shared_plan
+from mlx_dpo.data.batching import collate
+from mlx_dpo.logprobs import token_logps
+from test_perf_exactness import _pairs
+
+
+def _reference(hidden, weight, targets):
+    logits = hidden @ weight.T
+    return mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1) - mx.logsumexp(logits, axis=-1)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 256 words for 96 rows: several chunks and a shorter last one at vocab 2000."""
+    monkeypatch.setattr(head_logps, "CHUNK_BYTES", 96 * 256 * 4)
+    monkeypatch.setattr(head_logps, "MIN_CHUNK", 64)
+    assert [stop - first for first, stop in head_logps._chunks(96, 2000)] == [256] * 7 + [208]
+
+
+@pytest.mark.parametrize("fast_math", [False, True])
+def test_values_and_gradients_equal_the_whole_logits(small_chunks, fast_math):
+    rows, dim, vocab = 96, 48, 2000
+    hidden = mx.random.normal((rows, dim), key=mx.random.key(0))
+    weight = mx.random.normal((vocab, dim), key=mx.random.key(1)) * 0.3
+    targets = mx.random.randint(0, vocab, (rows,), key=mx.random.key(2))
+    weights = mx.random.normal((rows,), key=mx.random.key(3))  # a cotangent that is not all ones
+
+    def loss(fn):
+        return lambda h, w: (fn(h, w, targets) * weights).sum()
+
+    token = cpu_kernels._ACTIVE.set(fast_math)
+    try:
+        got, got_grads = mx.value_and_grad(loss(head_logps.head_logps), argnums=(0, 1))(hidden, weight)
+        values = head_logps.head_logps(hidden, weight, targets)
+    finally:
+        cpu_kernels._ACTIVE.reset(token)
+    want, want_grads = mx.value_and_grad(loss(_reference), argnums=(0, 1))(hidden, weight)
+    np.testing.assert_allclose(np.array(values), np.array(_reference(hidden, weight, targets)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-6)
+    assert float(mx.abs(got_grads[1]).max()) > 1e-3
+
+
+def test_half_precision_weights_give_float32_logps_and_their_own_gradient_dtype(small_chunks):
+    hidden = mx.random.normal((96, 32), key=mx.random.key(4)).astype(mx.bfloat16)
+    weight = (mx.random.normal((2000, 32), key=mx.random.key(5)) * 0.3).astype(mx.bfloat16)
+    targets = mx.random.randint(0, 2000, (96,), key=mx.random.key(6))
+    got = head_logps.head_logps(hidden, weight, targets)
+    assert got.dtype == mx.float32
+    want = token_logps((hidden @ weight.T)[None], targets[None])[0]
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-3, atol=1e-3)
+    grads = mx.grad(lambda h, w: head_logps.head_logps(h, w, targets).sum(), argnums=(0, 1))(hidden, weight)
+    assert [g.dtype for g in grads] == [mx.bfloat16, mx.bfloat16]
+
+
+def test_the_logits_never_exist_whole():
+    # The compiled gradient of the whole-logits head peaks at four logits-sized arrays
+    # (test_cpu_kernels); in chunks only the kept exp is logits-sized (2.0 measured; 3.0 when the
+    # chunks are not chained with mx.depends).
+    rows, dim, vocab = 128, 64, 65536
+    hidden = mx.random.normal((rows, dim), key=mx.random.key(7))
+    weight = mx.random.normal((vocab, dim), key=mx.random.key(8)) * 0.1
+    targets = mx.random.randint(0, vocab, (rows,), key=mx.random.key(9))
+    mx.eval(hidden, weight, targets)
+    assert len(head_logps._chunks(rows, vocab)) == 8
+    token = cpu_kernels._ACTIVE.set(True)
+    try:
+        for fn, limit in ((head_logps.head_logps, 2.5), (lambda h, w, t: cpu_kernels._target_logps(h @ w.T, t)[0], 9)):
+            step = mx.compile(mx.grad(lambda h: fn(h, weight, targets).sum()))
+            for _ in range(2):
+                before = mx.get_active_memory()
+                mx.reset_peak_memory()
+                mx.eval(step(hidden))
+            arrays = (mx.get_peak_memory() - before) / (rows * vocab * 4)
+            assert arrays < limit, f"peak of {arrays:.2f} logits-sized arrays"
+            limit = arrays
+    finally:
+        cpu_kernels._ACTIVE.reset(token)
+    assert limit > 3.5  # the whole-logits head, measured the same way, holds more
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    import mlx_lm
+
+    m, _ = mlx_lm.load(str(tiny_model))
+    m.set_dtype(mx.float32)
+    return m
+
+
+def test_completion_logps_equal_the_logits_path_for_tied_and_separate_heads(model, small_chunks, monkeypatch):
+    plan = shared_plan(collate(_pairs(11), pad_id=2))
+    targets = mx.array(plan.targets)
+    assert head_weight(model) is model.model.embed_tokens.weight  # the tiny model ties its embeddings
+
+    def both():
+        with cpu_kernels.installed(model):
+            return (completion_logps(model, True, plan.arrays(), targets),
+                    token_logps(completion_logits(model, True, plan.arrays()), targets))
+
+    monkeypatch.setattr(head_logps, "CHUNK_BYTES", targets.size * 64 * 4)  # several chunks
+    got, want = both()
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+
+    vocab, dim = model.model.embed_tokens.weight.shape
+    model.lm_head = nn.Linear(dim, vocab, bias=False)
+    try:
+        assert head_weight(model) is model.lm_head.weight
+        got, want = both()
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+        model.lm_head = nn.QuantizedLinear.from_linear(nn.Linear(dim, vocab, bias=False), group_size=32, bits=8)
+        assert head_weight(model) is None  # quantized heads take the logits path
+        got, want = both()
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    finally:
+        del model.lm_head
+    assert "lm_head" not in dict(tree_flatten(model.parameters()))
