@@ -7,9 +7,9 @@ path writes the whole logits array and, around its log-softmax, several more of 
 SmolLM2-135M's 49152-word vocabulary those are the largest arrays of a step, and for the
 128k-152k vocabularies of Llama 3 or Qwen they dominate it.
 
-Here the head runs over a few thousand rows of W at a time (`CHUNK_BYTES` of logits). Each chunk keeps only its
-exp(logits - chunk max) for the backward, so one logits-sized array stays alive, plus one
-chunk's temporaries; the chunks' maxima and sums combine into the log-partition as an online
+Here the head runs over a few thousand rows of W at a time (`CHUNK_BYTES` of logits). Each
+chunk keeps only its exp(logits - chunk max) for the backward, so one logits-sized array stays
+alive, plus one chunk's temporaries; the chunks' maxima and sums combine into the log-partition as an online
 softmax does. The backward makes each chunk's softmax from its kept exp and a per-row factor
 exp(chunk max - log-partition) and accumulates the hidden states' gradient chunk by chunk
 (`mx.addmm`, no zeroed temporaries). Chunks run along the vocabulary rather than the tokens:
@@ -33,7 +33,7 @@ LANES = 32  # chunk widths are multiples of row_max's widest lanes
 
 def _chunks(rows: int, vocab: int) -> list[tuple[int, int]]:
     """(first, stop) rows of W per chunk, for `rows` hidden states."""
-    width = max(CHUNK_BYTES // (4 * rows) // LANES * LANES, MIN_CHUNK)
+    width = max(CHUNK_BYTES // (4 * max(rows, 1)) // LANES * LANES, MIN_CHUNK)
     return [(first, min(first + width, vocab)) for first in range(0, vocab, width)]
 
 

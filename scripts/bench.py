@@ -45,6 +45,9 @@ def parse_args():
     p.add_argument("--runners", default="mlx-dpo-lora,mlx-dpo-full,mlx-lm-lora-lora,mlx-lm-lora-full,trl-full",
                    help="comma-separated rows to run")
     p.add_argument("--scale", action="store_true", help="also time mlx-dpo LoRA at seq 256/512/1024 and batch 1/2/4")
+    p.add_argument("--scale-only", action="store_true",
+                   help="time only the scale rows (--rounds interleaved rounds) and put them into the last "
+                        "run's results.json (and docs, with --write-docs) in place of its own")
     p.add_argument("--ablation", action="store_true", help="also time mlx-dpo LoRA with each technique off")
     p.add_argument("--write-docs", action="store_true", help="write the results section of docs/benchmarks.md + PNG")
     return p.parse_args()
@@ -178,7 +181,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else default_model(work)
     config = json.loads((model / "config.json").read_text())
-    results = {"started": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "model": str(model),
+    started = time.strftime("%Y-%m-%d %H:%M")
+    if args.scale_only:
+        results = json.loads((work / "results.json").read_text())
+        results["scale"] = bench_scale(args, work, model, config)
+        results["scale_run"] = {"started": started, "rounds": args.rounds, "steps": args.steps,
+                                "matmul_peak_gflops": matmul_peak_gflops()}
+        return finish(results, args, work)
+    results = {"started": started, "cpus": os.cpu_count(), "model": str(model),
                "args": vars(args), "rows": [], "scale": []}
     results["matmul_peak_gflops"] = matmul_peak_gflops()
     print(f"fp32 matmul peak (MLX, 2048^3): {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
@@ -190,6 +200,10 @@ def main() -> None:
     results["matmul_peak_gflops"] = max(results["matmul_peaks"])
     if args.scale:
         results["scale"] = bench_scale(args, work, model, config)
+    finish(results, args, work)
+
+
+def finish(results: dict, args, work: Path) -> None:
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results["rows"], indent=1))
     if args.write_docs:
@@ -231,16 +245,25 @@ def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> 
     return out, peaks
 
 
+SCALE_SHAPES = [(256, 2), (512, 2), (1024, 2), (256, 1), (256, 4)]  # (seq, batch)
+
+
 def bench_scale(args, work: Path, model: Path, config: dict) -> list[dict]:
+    """mlx-dpo LoRA at each shape, the shapes interleaved over --rounds rounds, so that a change in
+    the machine's load falls on every length alike rather than on the last ones."""
+    runs: dict = {shape: [] for shape in SCALE_SHAPES}
+    for rnd in range(args.rounds):
+        for seq, batch in SCALE_SHAPES:
+            print(f"scale round {rnd + 1}/{args.rounds}: seq {seq}, batch {batch}", flush=True)
+            runs[seq, batch].append(run_row("mlx-dpo-lora", base_spec(work, model, seq, batch, args.steps, args.warmup)))
     out = []
-    for seq, batch in [(256, 2), (512, 2), (1024, 2), (256, 1), (256, 4)]:
-        print(f"scale: seq {seq}, batch {batch}", flush=True)
-        run = run_row("mlx-dpo-lora", base_spec(work, model, seq, batch, args.steps, args.warmup))
-        row = summarize(f"seq{seq}-b{batch}", [run], 0)
+    for (seq, batch), shape_runs in runs.items():
+        row = summarize(f"seq{seq}-b{batch}", shape_runs, 0)
         row.update(seq=seq, batch=batch)
+        ok = [r for r in shape_runs if "error" not in r]
         if "error" not in row:
-            row["s_per_ktoken"] = row["median_s"] / (statistics.mean(run["tokens"]) / 1000)
-            flops = statistics.mean(step_flops(config, shape, "lora") for shape in run["pair_tokens"])
+            row["s_per_ktoken"] = row["median_s"] / (statistics.mean(t for r in ok for t in r["tokens"]) / 1000)
+            flops = statistics.mean(step_flops(config, shape, "lora") for r in ok for shape in r["pair_tokens"])
             row["gflops_per_s"] = flops / row["median_s"] / 1e9
         out.append(row)
     return out

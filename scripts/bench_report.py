@@ -219,8 +219,15 @@ def extra_sections(results: dict, earlier) -> list[str]:
         lines += [f"- `{r['row']}`: step time {rows[r['row'].split('/')[0]]['pairs_per_s'] / r['pairs_per_s']:.2f}x "
                   f"that of `{r['row'].split('/')[0]}`" for r in ablation if "error" not in r] + [""]
     if src["scale"]:
-        lines += ["Scale (mlx-dpo LoRA; linear cost means constant seconds per 1k tokens):", "",
-                  *scale_table(src["scale"]), ""]
+        lines += ["Scale (mlx-dpo LoRA; linear cost means constant seconds per 1k tokens):", ""]
+        run = src.get("scale_run")
+        if run:  # a later run of the scale rows alone
+            lines += [f"Measured {run['started']}, after the rows above, the shapes interleaved over {run['rounds']} "
+                      f"rounds ({run['rounds'] * run['steps']} timed steps each; matmul rate "
+                      f"{run['matmul_peak_gflops']:.0f} GFLOP/s right after them):", "",
+                      "```", f"$ .venv/bin/python scripts/bench.py --scale-only --rounds {run['rounds']} --write-docs",
+                      "```", ""]
+        lines += [*scale_table(src["scale"]), ""]
     return lines
 
 
