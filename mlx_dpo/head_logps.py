@@ -86,10 +86,17 @@ def _head_logps_vjp(primals, cotangents, outputs):
             mx.zeros_like(targets))
 
 
+# Compiled on its own too, for the passes that run eagerly (the reference pass): each of the fast
+# exp's ops would otherwise write a chunk-sized array. Only inside mlx-dpo's CPU kernels, whose exp
+# a trace then holds; elsewhere the function runs as it is.
+_compiled_head_logps = mx.compile(_head_logps)
+
+
 def head_logps(hidden: mx.array, weight: mx.array, targets: mx.array) -> mx.array:
     """log softmax(hidden @ weight.T)[targets] over the vocabulary, float32 (...,), without the
     logits: hidden (..., D), weight (V, D), targets (...) int. The head's matmuls run in the
     weights' dtype, the log-softmax in float32 (as token_logps does after an fp16 head)."""
     shape = targets.shape
-    out = _head_logps(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).astype(mx.int32))
+    fn = _compiled_head_logps if cpu_kernels.active() else _head_logps
+    out = fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).astype(mx.int32))
     return out[0].reshape(shape)
