@@ -2,6 +2,8 @@
 of the whole logits, with their gradients, and never hold the logits whole."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -13,12 +15,33 @@ from mlx_dpo import cpu_kernels, head_logps
 from mlx_dpo.completion import completion_logits, completion_logps, head_weight, shared_plan
 from mlx_dpo.data.batching import collate
 from mlx_dpo.logprobs import token_logps
+from test_cpu_kernels import _peak_in_arrays
 from test_perf_exactness import _pairs
 
 
 def _reference(hidden, weight, targets):
     logits = hidden @ weight.T
     return mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1) - mx.logsumexp(logits, axis=-1)
+
+
+@contextlib.contextmanager
+def _fast_math(on: bool = True):
+    """As inside mlx-dpo's CPU kernels (cpu_kernels.active()), without a model to install them in."""
+    token = cpu_kernels._ACTIVE.set(on)
+    try:
+        yield
+    finally:
+        cpu_kernels._ACTIVE.reset(token)
+
+
+def _large_head(seed: int):
+    """(hidden (128, 64), weight (65536, 64), targets (128,)), evaluated: 8 chunks by default."""
+    keys = mx.random.split(mx.random.key(seed), 3)
+    hidden = mx.random.normal((128, 64), key=keys[0])
+    weight = mx.random.normal((65536, 64), key=keys[1]) * 0.1
+    targets = mx.random.randint(0, 65536, (128,), key=keys[2])
+    mx.eval(hidden, weight, targets)
+    return hidden, weight, targets
 
 
 @pytest.fixture
@@ -40,12 +63,9 @@ def test_values_and_gradients_equal_the_whole_logits(small_chunks, fast_math):
     def loss(fn):
         return lambda h, w: (fn(h, w, targets) * weights).sum()
 
-    token = cpu_kernels._ACTIVE.set(fast_math)
-    try:
+    with _fast_math(fast_math):
         got, got_grads = mx.value_and_grad(loss(head_logps.head_logps), argnums=(0, 1))(hidden, weight)
         values = head_logps.head_logps(hidden, weight, targets)
-    finally:
-        cpu_kernels._ACTIVE.reset(token)
     want, want_grads = mx.value_and_grad(loss(_reference), argnums=(0, 1))(hidden, weight)
     np.testing.assert_allclose(np.array(values), np.array(_reference(hidden, weight, targets)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
@@ -70,25 +90,15 @@ def test_the_logits_never_exist_whole():
     # The compiled gradient of the whole-logits head peaks at four logits-sized arrays
     # (test_cpu_kernels); in chunks only the kept exp is logits-sized (2.0 measured; 3.0 when the
     # chunks are not chained with mx.depends).
-    rows, dim, vocab = 128, 64, 65536
-    hidden = mx.random.normal((rows, dim), key=mx.random.key(7))
-    weight = mx.random.normal((vocab, dim), key=mx.random.key(8)) * 0.1
-    targets = mx.random.randint(0, vocab, (rows,), key=mx.random.key(9))
-    mx.eval(hidden, weight, targets)
+    hidden, weight, targets = _large_head(7)
+    rows, vocab = targets.size, weight.shape[0]
     assert len(head_logps._chunks(rows, vocab)) == 8
-    token = cpu_kernels._ACTIVE.set(True)
-    try:
+    with _fast_math():
         for fn, limit in ((head_logps.head_logps, 2.5), (lambda h, w, t: cpu_kernels._target_logps(h @ w.T, t)[0], 9)):
             step = mx.compile(mx.grad(lambda h: fn(h, weight, targets).sum()))
-            for _ in range(2):
-                before = mx.get_active_memory()
-                mx.reset_peak_memory()
-                mx.eval(step(hidden))
-            arrays = (mx.get_peak_memory() - before) / (rows * vocab * 4)
+            arrays = _peak_in_arrays(lambda: step(hidden), rows * vocab * 4)
             assert arrays < limit, f"peak of {arrays:.2f} logits-sized arrays"
             limit = arrays
-    finally:
-        cpu_kernels._ACTIVE.reset(token)
     assert limit > 3.5  # the whole-logits head, measured the same way, holds more
 
 
@@ -134,18 +144,7 @@ def test_eager_calls_fuse_their_exp():
     # The reference pass runs outside the compiled step: inside mlx-dpo's CPU kernels the head is
     # compiled on its own, so the fast exp's ops fuse instead of each writing a chunk-sized array
     # (2.0 logits-sized arrays at the peak measured, 2.9 uncompiled).
-    rows, dim, vocab = 128, 64, 65536
-    hidden = mx.random.normal((rows, dim), key=mx.random.key(10))
-    weight = mx.random.normal((vocab, dim), key=mx.random.key(11)) * 0.1
-    targets = mx.random.randint(0, vocab, (rows,), key=mx.random.key(12))
-    mx.eval(hidden, weight, targets)
-    token = cpu_kernels._ACTIVE.set(True)
-    try:
-        for _ in range(2):
-            before = mx.get_active_memory()
-            mx.reset_peak_memory()
-            mx.eval(head_logps.head_logps(hidden, weight, targets))
-    finally:
-        cpu_kernels._ACTIVE.reset(token)
-    arrays = (mx.get_peak_memory() - before) / (rows * vocab * 4)
+    hidden, weight, targets = _large_head(10)
+    with _fast_math():
+        arrays = _peak_in_arrays(lambda: head_logps.head_logps(hidden, weight, targets), targets.size * weight.shape[0] * 4)
     assert arrays < 2.4, f"peak of {arrays:.2f} logits-sized arrays"
