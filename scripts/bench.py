@@ -255,7 +255,8 @@ def bench_scale(args, work: Path, model: Path, config: dict) -> list[dict]:
     for rnd in range(args.rounds):
         for seq, batch in SCALE_SHAPES:
             print(f"scale round {rnd + 1}/{args.rounds}: seq {seq}, batch {batch}", flush=True)
-            runs[seq, batch].append(run_row("mlx-dpo-lora", base_spec(work, model, seq, batch, args.steps, args.warmup)))
+            spec = base_spec(work, model, seq, batch, args.steps, args.warmup)
+            runs[seq, batch].append(run_row("mlx-dpo-lora", spec))
     out = []
     for (seq, batch), shape_runs in runs.items():
         row = summarize(f"seq{seq}-b{batch}", shape_runs, 0)

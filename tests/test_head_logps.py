@@ -146,5 +146,6 @@ def test_eager_calls_fuse_their_exp():
     # (2.0 logits-sized arrays at the peak measured, 2.9 uncompiled).
     hidden, weight, targets = _large_head(10)
     with _fast_math():
-        arrays = _peak_in_arrays(lambda: head_logps.head_logps(hidden, weight, targets), targets.size * weight.shape[0] * 4)
+        arrays = _peak_in_arrays(lambda: head_logps.head_logps(hidden, weight, targets),
+                                 targets.size * weight.shape[0] * 4)
     assert arrays < 2.4, f"peak of {arrays:.2f} logits-sized arrays"
