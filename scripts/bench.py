@@ -183,6 +183,9 @@ def main() -> None:
     config = json.loads((model / "config.json").read_text())
     started = time.strftime("%Y-%m-%d %H:%M")
     if args.scale_only:
+        if not (work / "results.json").exists():
+            sys.exit(f"bench.py: --scale-only puts new scale rows into {work / 'results.json'}, which does "
+                     "not exist yet; run bench.py without --scale-only first")
         results = json.loads((work / "results.json").read_text())
         results["scale"] = bench_scale(args, work, model, config)
         results["scale_run"] = {"started": started, "rounds": args.rounds, "steps": args.steps,
