@@ -179,13 +179,13 @@ def main() -> None:
     args = parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.scale_only and not (work / "results.json").exists():
+        sys.exit(f"bench.py: --scale-only puts new scale rows into {work / 'results.json'}, which does "
+                 "not exist yet; run bench.py without --scale-only first")
     model = Path(args.model) if args.model else default_model(work)
     config = json.loads((model / "config.json").read_text())
     started = time.strftime("%Y-%m-%d %H:%M")
     if args.scale_only:
-        if not (work / "results.json").exists():
-            sys.exit(f"bench.py: --scale-only puts new scale rows into {work / 'results.json'}, which does "
-                     "not exist yet; run bench.py without --scale-only first")
         results = json.loads((work / "results.json").read_text())
         results["scale"] = bench_scale(args, work, model, config)
         results["scale_run"] = {"started": started, "rounds": args.rounds, "steps": args.steps,
