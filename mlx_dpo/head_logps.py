@@ -100,3 +100,54 @@ def head_logps(hidden: mx.array, weight: mx.array, targets: mx.array) -> mx.arra
     fn = _compiled_head_logps if cpu_kernels.active() else _head_logps
     out = fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).astype(mx.int32))
     return out[0].reshape(shape)
+
+
+def _head_eval(hidden_p: mx.array, weight_p: mx.array, hidden_q: mx.array, weight_q: mx.array,
+               targets: mx.array):
+    """(log p(target), log q(target), KL(p || q)) per row (R,) of two heads over the same
+    vocabulary, in one pass over its chunks: running maxima m, sums s = sum exp(l - m) and, for
+    the KL, t = sum exp(l_p - m_p) (l_p - l_q), rescaled whenever a maximum grows; then
+    KL = t / s_p - lse_p + lse_q (E_p[l_p - l_q] minus the two log-partitions)."""
+    picked_p = picked_q = kl_num = sum_p = sum_q = top_p = top_q = None
+    for first, stop in _chunks(*targets.shape, weight_p.shape[0]):
+        if sum_p is not None:  # one chunk's logits at a time
+            hidden_p = mx.depends(hidden_p, [sum_p, sum_q, kl_num, picked_p, picked_q])
+        l_p = (hidden_p @ weight_p[first:stop].T).astype(mx.float32)
+        l_q = (hidden_q @ weight_q[first:stop].T).astype(mx.float32)
+        hit = (targets >= first) & (targets < stop)
+        local = mx.clip(targets - first, 0, stop - first - 1)[:, None]
+        pick_p = mx.where(hit, mx.take_along_axis(l_p, local, axis=-1).squeeze(-1), 0.0)
+        pick_q = mx.where(hit, mx.take_along_axis(l_q, local, axis=-1).squeeze(-1), 0.0)
+        new_p, new_q = cpu_kernels.row_max(l_p), cpu_kernels.row_max(l_q)
+        if sum_p is not None:
+            new_p, new_q = mx.maximum(new_p, top_p), mx.maximum(new_q, top_q)
+        e_p = _exp(l_p - new_p)
+        chunk_p, chunk_q = cpu_kernels.row_sum(e_p), cpu_kernels.row_sum(_exp(l_q - new_q))
+        chunk_kl = cpu_kernels.row_sum(e_p * (l_p - l_q))
+        if sum_p is None:
+            picked_p, picked_q, sum_p, sum_q, kl_num = pick_p, pick_q, chunk_p, chunk_q, chunk_kl
+        else:
+            shrink_p, shrink_q = mx.exp(top_p - new_p), mx.exp(top_q - new_q)
+            picked_p, picked_q = picked_p + pick_p, picked_q + pick_q
+            sum_p, sum_q = sum_p * shrink_p + chunk_p, sum_q * shrink_q + chunk_q
+            kl_num = kl_num * shrink_p + chunk_kl
+        top_p, top_q = new_p, new_q
+    lse_p, lse_q = top_p + mx.log(sum_p), top_q + mx.log(sum_q)
+    kl = kl_num / sum_p - lse_p + lse_q
+    return picked_p - lse_p.squeeze(-1), picked_q - lse_q.squeeze(-1), kl.squeeze(-1)
+
+
+_compiled_head_eval = mx.compile(_head_eval)
+
+
+def head_eval(hidden_p: mx.array, weight_p: mx.array, hidden_q: mx.array, weight_q: mx.array,
+              targets: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """For evaluation, without either head's logits: (log p(target), log q(target), exact
+    KL(p || q) over the vocabulary) at every position (...,), float32, where p and q are the
+    log-softmaxes of hidden_p @ weight_p.T and hidden_q @ weight_q.T (hidden (..., D), weights
+    (V, D)). No gradients."""
+    shape = targets.shape
+    fn = _compiled_head_eval if cpu_kernels.active() else _head_eval
+    flat = [mx.stop_gradient(a) for a in (hidden_p.reshape(-1, hidden_p.shape[-1]), weight_p,
+                                          hidden_q.reshape(-1, hidden_q.shape[-1]), weight_q)]
+    return tuple(out.reshape(shape) for out in fn(*flat, targets.reshape(-1).astype(mx.int32)))

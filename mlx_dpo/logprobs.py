@@ -20,13 +20,15 @@ def sequence_logps(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.ar
 
 
 def token_kl(policy_logits: mx.array, ref_logits: mx.array, mask: mx.array) -> mx.array:
-    """KL(policy || reference) summed over completion tokens of each sequence, (N,).
+    """KL(policy || reference) summed over completion tokens of each sequence, (N,)."""
+    return (position_kl(policy_logits, ref_logits) * mask).sum(axis=-1)
 
-    Exact over the whole vocabulary: sum_v p(v) (log p(v) - log q(v)) at each token.
-    """
+
+def position_kl(policy_logits: mx.array, ref_logits: mx.array) -> mx.array:
+    """KL(policy || reference) at every position, (N, T), exact over the whole vocabulary:
+    sum_v p(v) (log p(v) - log q(v))."""
     logp = policy_logits.astype(mx.float32)
     logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
     logq = ref_logits.astype(mx.float32)
     logq = logq - mx.logsumexp(logq, axis=-1, keepdims=True)
-    per_token = (mx.exp(logp) * (logp - logq)).sum(axis=-1)
-    return (per_token * mask).sum(axis=-1)
+    return (mx.exp(logp) * (logp - logq)).sum(axis=-1)

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_dpo import cpu_kernels, head_logps
 from mlx_dpo.completion import completion_logits, completion_logps, head_weight, shared_plan
 from mlx_dpo.data.batching import collate
-from mlx_dpo.logprobs import token_logps
+from mlx_dpo.logprobs import position_kl, token_logps
 from test_cpu_kernels import _peak_in_arrays
 from test_perf_exactness import _pairs
 
@@ -44,11 +44,19 @@ def _large_head(seed: int):
     return hidden, weight, targets
 
 
+def use_chunks(monkeypatch, chunk_bytes: int, min_chunk: int = head_logps.MIN_CHUNK) -> None:
+    """Other chunk sizes for one test, with fresh compiled functions: mx.compile keeps a trace per
+    input shape, and a trace made with other chunks would be reused."""
+    monkeypatch.setattr(head_logps, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(head_logps, "MIN_CHUNK", min_chunk)
+    for name in ("_head_logps", "_head_eval"):
+        monkeypatch.setattr(head_logps, f"_compiled{name}", mx.compile(getattr(head_logps, name)))
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 256 words for 96 rows: several chunks and a shorter last one at vocab 2000."""
-    monkeypatch.setattr(head_logps, "CHUNK_BYTES", 96 * 256 * 4)
-    monkeypatch.setattr(head_logps, "MIN_CHUNK", 64)
+    use_chunks(monkeypatch, 96 * 256 * 4, min_chunk=64)
     assert [stop - first for first, stop in head_logps._chunks(96, 2000)] == [256] * 7 + [208]
 
 
@@ -121,7 +129,7 @@ def test_completion_logps_equal_the_logits_path_for_tied_and_separate_heads(mode
             return (completion_logps(model, True, plan.arrays(), targets),
                     token_logps(completion_logits(model, True, plan.arrays()), targets))
 
-    monkeypatch.setattr(head_logps, "CHUNK_BYTES", targets.size * 64 * 4)  # several chunks
+    use_chunks(monkeypatch, targets.size * 64 * 4, min_chunk=64)  # several chunks
     got, want = both()
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
 
@@ -149,3 +157,23 @@ def test_eager_calls_fuse_their_exp():
         arrays = _peak_in_arrays(lambda: head_logps.head_logps(hidden, weight, targets),
                                  targets.size * weight.shape[0] * 4)
     assert arrays < 2.4, f"peak of {arrays:.2f} logits-sized arrays"
+
+
+@pytest.mark.parametrize("fast_math", [False, True])
+def test_head_eval_equals_the_whole_logits(small_chunks, fast_math):
+    rows, dim, vocab = 96, 48, 2000
+    keys = mx.random.split(mx.random.key(13), 4)
+    hidden_p = mx.random.normal((rows, dim), key=keys[0])
+    hidden_q = hidden_p + 0.3 * mx.random.normal((rows, dim), key=keys[1])
+    weight_p = mx.random.normal((vocab, dim), key=keys[2]) * 0.3
+    weight_q = weight_p + 0.1 * mx.random.normal((vocab, dim), key=keys[3])
+    targets = mx.random.randint(0, vocab, (rows,), key=mx.random.key(14))
+    with _fast_math(fast_math):
+        got = head_logps.head_eval(hidden_p, weight_p, hidden_q, weight_q, targets)
+    logits_p, logits_q = (hidden_p @ weight_p.T)[None], (hidden_q @ weight_q.T)[None]
+    want = (token_logps(logits_p, targets[None])[0], token_logps(logits_q, targets[None])[0],
+            position_kl(logits_p, logits_q)[0])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=2e-5)
+    assert float(want[2].min()) > 0.05  # the two heads really differ
+

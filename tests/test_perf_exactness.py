@@ -9,7 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_dpo.completion import make_plan, completion_logits, packed_plan, shared_plan
+from mlx_dpo import head_logps
+from mlx_dpo.completion import completion_logits, head_weight, make_plan, packed_plan, shared_plan
 from mlx_dpo.data.batching import collate
 from mlx_dpo.data.tokenize import EncodedPair
 from mlx_dpo.engines.mlx_engine import MLXEngine
@@ -136,10 +137,16 @@ def test_compiled_shared_step_equals_plain_uncompiled_step(make_config, finetune
             np.testing.assert_allclose(g_fast[name], g_plain[name], rtol=1e-3, atol=1e-5, err_msg=name)
 
 
-def test_evaluate_on_completion_positions_equals_full_logits(make_config):
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_evaluate_on_completion_positions_equals_full_logits(make_config, monkeypatch, chunks):
     batch = collate(_pairs(6, n=4), pad_id=2)
     fast, plain = _engine(make_config), _engine(make_config)
     plain.fast.enabled = False
+    if chunks == "several":  # head_logps.head_eval over chunks of 32 words
+        from test_head_logps import use_chunks
+
+        use_chunks(monkeypatch, 1, min_chunk=32)
+        assert len(head_logps._chunks(8, head_weight(fast.models.policy).shape[0])) > 2
     for engine in (fast, plain):  # move the policy off the reference so KL is not zero
         engine.forward_backward(batch, 4)
         engine.apply_update(1e-2)

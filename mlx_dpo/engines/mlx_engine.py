@@ -14,7 +14,7 @@ from ..config import Config
 from ..data.batching import Batch
 from ..distributed.exchange import sum_over_ranks
 from ..hardware import fit_cpu_cache, keep_cpu_buffers
-from ..logprobs import sequence_logps, token_kl, token_logps
+from ..logprobs import position_kl, sequence_logps, token_logps
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
 from ..preference_gap import pair_gaps
@@ -138,15 +138,17 @@ class MLXEngine:
         policy.eval()
         try:
             plan = self.fast.plan(batch)
-            if plan is not None:  # logits at completion positions only
-                logits, ref_logits = self.fast.eval_logits(plan)
-                targets, mask = mx.array(plan.targets), mx.array(plan.weights)
+            if plan is not None:  # completion positions only
+                token_lps, ref_token_lps, kl = self.fast.eval_terms(plan)
+                mask = mx.array(plan.weights)
             else:
                 ref_logits, logits = reference_forward(self.models, inputs), policy(inputs)
-            ref_logps = self._policy_logps(ref_logits, targets, mask)
-            _, aux = self._dpo_terms(logits, targets, mask, ref_logps)
+                token_lps, ref_token_lps = token_logps(logits, targets), token_logps(ref_logits, targets)
+                kl = position_kl(logits, ref_logits)
+            logps, ref_logps = self._reduce_logps(token_lps, mask), self._reduce_logps(ref_token_lps, mask)
+            _, aux = self._dpo_terms_from_logps(logps, ref_logps)
             stats = _sums(*aux, batch)
-            stats["kl_sum"] = token_kl(logits, ref_logits, mask).sum()
+            stats["kl_sum"] = (kl * mask).sum()
             stats["kl_tokens"] = mask.sum()
             stats["gap_sum"] = pair_gaps(aux[1], aux[2], mx).sum()
             mx.eval(stats)

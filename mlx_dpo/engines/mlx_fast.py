@@ -13,7 +13,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..completion import Plan, can_share_prompt, completion_logits, completion_logps, make_plan, split_model
+from ..completion import (Plan, can_share_prompt, completion_hidden, completion_logits, completion_logps, head_weight,
+                          make_plan, split_model)
+from ..head_logps import head_eval
+from ..logprobs import position_kl, token_logps
 from ..data.batching import Batch
 from ..models import adapters_disabled
 from .cpu_streams import on_stream
@@ -57,9 +60,6 @@ class FastPath:
         with adapters_disabled(models.policy):
             return mx.stop_gradient(fn(models.policy, *args))
 
-    def reference_logits(self, shared: bool, arrays: tuple) -> mx.array:
-        return self._reference(completion_logits, shared, arrays)
-
     def _loss(self, shared, arrays, targets, weights, ref_logps, scale):
         reduce = self.engine._reduce_logps
         if ref_logps is None:  # live reference
@@ -95,11 +95,20 @@ class FastPath:
         return fn(*plan.arrays(), mx.array(plan.targets), mx.array(plan.weights), ref,
                   mx.array(scale, dtype=mx.float32))
 
-    def eval_logits(self, plan: Plan) -> tuple[mx.array, mx.array]:
-        """(policy logits, reference logits), both (N, C, V), for evaluation."""
-        arrays = plan.arrays()
-        return (completion_logits(self.engine.models.policy, plan.shared, arrays),
-                self.reference_logits(plan.shared, arrays))
+    def eval_terms(self, plan: Plan) -> tuple[mx.array, mx.array, mx.array]:
+        """(policy log-probs, reference log-probs, KL(policy || reference)), each (N, C) at the
+        plan's completion positions, for evaluation: through head_logps.py's chunks when both heads
+        are plain matmuls, else from the two models' logits."""
+        models, arrays, targets = self.engine.models, plan.arrays(), mx.array(plan.targets)
+        reference = models.reference if models.reference is not None else models.policy  # adapters off
+        weights = (head_weight(models.policy), head_weight(reference))
+        if all(w is not None for w in weights):
+            hidden = completion_hidden(models.policy, plan.shared, arrays)
+            ref_hidden = self._reference(completion_hidden, plan.shared, arrays)
+            return head_eval(hidden, weights[0], ref_hidden, weights[1], targets)
+        logits = completion_logits(models.policy, plan.shared, arrays)
+        ref_logits = self._reference(completion_logits, plan.shared, arrays)
+        return token_logps(logits, targets), token_logps(ref_logits, targets), position_kl(logits, ref_logits)
 
     def reference_sums(self, plan: Plan) -> mx.array:
         """Summed completion log-probs of the reference, (N,): what the cache stores."""
