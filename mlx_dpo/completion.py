@@ -134,6 +134,26 @@ def split_model(model):
     return None
 
 
+def has_plain_top(model) -> bool:
+    """Whether model(x) is head(body(x)) for split_model's parts, checked once on a few tokens.
+    Some architectures transform the logits after the head (Granite divides them, Gemma 2
+    soft-caps them, Cohere scales them): the completion-only path would silently skip that, so
+    such a model takes the full-logits path."""
+    parts = split_model(model)
+    if parts is None:
+        return False
+    body, head = parts
+    training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        tokens = mx.array([[0, 1, 2]])
+        whole, split = model(tokens), head(body(tokens))
+        return whole.shape == split.shape and bool(
+            mx.allclose(whole.astype(mx.float32), split.astype(mx.float32), rtol=1e-5, atol=1e-5))
+    finally:
+        model.train(training)
+
+
 def head_weight(model) -> Optional[mx.array]:
     """The (V, D) matrix of a head that is a plain matmul, logits = hidden @ W.T (an unquantized,
     bias-free `lm_head`, or tied embeddings); None for any other head."""

@@ -96,6 +96,27 @@ def test_shared_prompt_forward_leaves_the_model_as_it_was(model):
     np.testing.assert_array_equal(np.array(model(tokens)), np.array(before))
 
 
+def test_a_model_that_transforms_its_logits_after_the_head_takes_the_full_logits_path(make_config):
+    # Granite divides its logits, Gemma 2 soft-caps them, Cohere scales them: the hot path takes
+    # the head's output as the logits, so such a model must not use it.
+    from mlx_dpo import completion
+    from mlx_dpo.engines.mlx_fast import FastPath
+
+    engine = _engine(make_config)
+    policy = engine.models.policy
+    assert engine.fast.enabled and completion.has_plain_top(policy)
+    plain_class = type(policy)
+    policy.__class__ = type("ScaledLogits", (plain_class,), {
+        "__call__": lambda self, inputs, cache=None: plain_class.__call__(self, inputs, cache=cache) / 8.0})
+    try:
+        assert not completion.has_plain_top(policy)
+        fast = FastPath(engine)
+        assert not fast.enabled and "transforms the logits" in fast.describe()
+        assert policy.training  # the check leaves the mode as it found it
+    finally:
+        policy.__class__ = plain_class
+
+
 def test_shared_prompt_needs_a_rope_attribute(make_config, monkeypatch):
     """A model whose attention applies RoPE some other way runs each sequence whole instead."""
     from mlx_dpo import completion

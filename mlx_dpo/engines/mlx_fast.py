@@ -13,8 +13,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..completion import (Plan, can_share_prompt, completion_hidden, completion_logits, completion_logps, head_weight,
-                          make_plan, split_model)
+from ..completion import (Plan, can_share_prompt, completion_hidden, completion_logits, completion_logps,
+                          has_plain_top, head_weight, make_plan)
 from ..head_logps import head_eval
 from ..logprobs import position_kl, token_logps
 from ..data.batching import Batch
@@ -29,9 +29,8 @@ class FastPath:
         self.engine = engine
         cfg = engine.cfg
         policy = engine.models.policy
-        self.enabled = split_model(policy) is not None and (
-            engine.models.reference is None or split_model(engine.models.reference) is not None)
         models = [policy] + ([engine.models.reference] if engine.models.reference is not None else [])
+        self.enabled = all(has_plain_top(m) for m in models)
         self.shared = cfg.training.share_prompt and self.enabled and all(can_share_prompt(m) for m in models)
         self.compile = cfg.compute.compile
         self._grad = nn.value_and_grad(policy, self._loss)
@@ -42,7 +41,7 @@ class FastPath:
 
     def describe(self) -> str:
         if not self.enabled:
-            return "hot path: full logits (model top not recognised)"
+            return "hot path: full logits (model top not recognised, or it transforms the logits after the head)"
         parts = ["completion-only logits", "shared prompt" if self.shared else "prompt per sequence",
                  "mx.compile" if self.compile else "eager"]
         return "hot path: " + ", ".join(parts)
