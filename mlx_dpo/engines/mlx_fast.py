@@ -15,9 +15,9 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..completion import (Plan, can_share_prompt, completion_hidden, completion_logits, completion_logps,
                           has_plain_top, head_weight, make_plan)
+from ..data.batching import Batch
 from ..head_logps import head_eval
 from ..logprobs import position_kl, token_logps
-from ..data.batching import Batch
 from ..models import adapters_disabled
 from .cpu_streams import on_stream
 
@@ -111,8 +111,8 @@ class FastPath:
 
     def reference_sums(self, plan: Plan) -> mx.array:
         """Summed completion log-probs of the reference, (N,): what the cache stores."""
-        token_logps = self._reference(completion_logps, plan.shared, plan.arrays(), mx.array(plan.targets))
-        return (token_logps * mx.array(plan.weights)).sum(axis=-1)
+        per_token = self._reference(completion_logps, plan.shared, plan.arrays(), mx.array(plan.targets))
+        return (per_token * mx.array(plan.weights)).sum(axis=-1)
 
 
 def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = ()):
