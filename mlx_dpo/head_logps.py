@@ -37,6 +37,14 @@ def _chunks(rows: int, vocab: int) -> list[tuple[int, int]]:
     return [(first, min(first + width, vocab)) for first in range(0, vocab, width)]
 
 
+def _target_logits(logits: mx.array, targets: mx.array, first: int, stop: int) -> mx.array:
+    """Each row's target logit (R,) from a chunk of words first..stop-1; 0 where the target is
+    in another chunk, so that the chunks' results add up."""
+    hit = (targets >= first) & (targets < stop)
+    local = mx.clip(targets - first, 0, stop - first - 1)[:, None]
+    return mx.where(hit, mx.take_along_axis(logits, local, axis=-1).squeeze(-1), 0.0)
+
+
 def _exp(x: mx.array) -> mx.array:
     """exp of numbers <= 0: the fast CPU one inside mlx-dpo's kernels, MLX's own elsewhere."""
     return cpu_kernels.fast_exp_nonpositive(x) if cpu_kernels.active() else mx.exp(x)
@@ -54,9 +62,7 @@ def _head_logps(hidden: mx.array, weight: mx.array, targets: mx.array):
         logits = (hidden @ weight[first:stop].T).astype(mx.float32)
         top = mx.stop_gradient(cpu_kernels.row_max(logits))
         shifted_exp = _exp(logits - top)
-        hit = (targets >= first) & (targets < stop)
-        local = mx.clip(targets - first, 0, stop - first - 1)
-        picked = picked + mx.where(hit, mx.take_along_axis(logits, local[:, None], axis=-1).squeeze(-1), 0.0)
+        picked = picked + _target_logits(logits, targets, first, stop)
         tops.append(top)
         totals.append(cpu_kernels.row_sum(shifted_exp))
         kept.append(shifted_exp)
@@ -108,29 +114,24 @@ def _head_eval(hidden_p: mx.array, weight_p: mx.array, hidden_q: mx.array, weigh
     vocabulary, in one pass over its chunks: running maxima m, sums s = sum exp(l - m) and, for
     the KL, t = sum exp(l_p - m_p) (l_p - l_q), rescaled whenever a maximum grows; then
     KL = t / s_p - lse_p + lse_q (E_p[l_p - l_q] minus the two log-partitions)."""
-    picked_p = picked_q = kl_num = sum_p = sum_q = top_p = top_q = None
+    rows = (targets.shape[0], 1)
+    picked_p = picked_q = mx.zeros(targets.shape, dtype=mx.float32)
+    sum_p, sum_q, kl_num = (mx.zeros(rows, dtype=mx.float32) for _ in range(3))
+    top_p = top_q = mx.full(rows, -mx.inf, dtype=mx.float32)  # the first rescale is exp(-inf) = 0
     for first, stop in _chunks(*targets.shape, weight_p.shape[0]):
-        if sum_p is not None:  # one chunk's logits at a time
+        if first:  # one chunk's logits at a time
             hidden_p = mx.depends(hidden_p, [sum_p, sum_q, kl_num, picked_p, picked_q])
         l_p = (hidden_p @ weight_p[first:stop].T).astype(mx.float32)
         l_q = (hidden_q @ weight_q[first:stop].T).astype(mx.float32)
-        hit = (targets >= first) & (targets < stop)
-        local = mx.clip(targets - first, 0, stop - first - 1)[:, None]
-        pick_p = mx.where(hit, mx.take_along_axis(l_p, local, axis=-1).squeeze(-1), 0.0)
-        pick_q = mx.where(hit, mx.take_along_axis(l_q, local, axis=-1).squeeze(-1), 0.0)
-        new_p, new_q = cpu_kernels.row_max(l_p), cpu_kernels.row_max(l_q)
-        if sum_p is not None:
-            new_p, new_q = mx.maximum(new_p, top_p), mx.maximum(new_q, top_q)
+        picked_p = picked_p + _target_logits(l_p, targets, first, stop)
+        picked_q = picked_q + _target_logits(l_q, targets, first, stop)
+        new_p = mx.maximum(cpu_kernels.row_max(l_p), top_p)
+        new_q = mx.maximum(cpu_kernels.row_max(l_q), top_q)
+        shrink_p, shrink_q = mx.exp(top_p - new_p), mx.exp(top_q - new_q)
         e_p = _exp(l_p - new_p)
-        chunk_p, chunk_q = cpu_kernels.row_sum(e_p), cpu_kernels.row_sum(_exp(l_q - new_q))
-        chunk_kl = cpu_kernels.row_sum(e_p * (l_p - l_q))
-        if sum_p is None:
-            picked_p, picked_q, sum_p, sum_q, kl_num = pick_p, pick_q, chunk_p, chunk_q, chunk_kl
-        else:
-            shrink_p, shrink_q = mx.exp(top_p - new_p), mx.exp(top_q - new_q)
-            picked_p, picked_q = picked_p + pick_p, picked_q + pick_q
-            sum_p, sum_q = sum_p * shrink_p + chunk_p, sum_q * shrink_q + chunk_q
-            kl_num = kl_num * shrink_p + chunk_kl
+        sum_p = sum_p * shrink_p + cpu_kernels.row_sum(e_p)
+        sum_q = sum_q * shrink_q + cpu_kernels.row_sum(_exp(l_q - new_q))
+        kl_num = kl_num * shrink_p + cpu_kernels.row_sum(e_p * (l_p - l_q))
         top_p, top_q = new_p, new_q
     lse_p, lse_q = top_p + mx.log(sum_p), top_q + mx.log(sum_q)
     kl = kl_num / sum_p - lse_p + lse_q
