@@ -239,13 +239,23 @@ def bench_rows(rows: list[str], args, work: Path, model: Path, config: dict) -> 
     for name in rows:
         row = summarize(name, runs[name], args.batch * (2 * prompt + 2 * completion))
         if name.startswith("mlx-dpo") and "error" not in row:
-            steps = [shape for r in runs[name] if "error" not in r for shape in r["pair_tokens"]]
-            flops = statistics.mean(step_flops(config, shape, ROWS[name][1]) for shape in steps)
-            row["gflops_per_step"] = flops / 1e9
+            steps = step_shapes(runs[name])
+            row["gflops_per_step"] = add_flops(row, config, steps, ROWS[name][1]) / 1e9
             row["mean_pair_tokens"] = [statistics.mean(pair[i] for shape in steps for pair in shape) for i in range(3)]
-            row["gflops_per_s"] = flops / row["median_s"] / 1e9
         out.append(row)
     return out, peaks
+
+
+def step_shapes(runs: list[dict]) -> list:
+    """Each timed step's pair token counts, over the runs that did not fail."""
+    return [shape for r in runs if "error" not in r for shape in r["pair_tokens"]]
+
+
+def add_flops(row: dict, config: dict, steps: list, finetune: str) -> float:
+    """Sets the row's matmul rate (gflops_per_s) from its steps' mean FLOPs, which it returns."""
+    flops = statistics.mean(step_flops(config, shape, finetune) for shape in steps)
+    row["gflops_per_s"] = flops / row["median_s"] / 1e9
+    return flops
 
 
 SCALE_SHAPES = [(256, 2), (512, 2), (1024, 2), (256, 1), (256, 4)]  # (seq, batch)
@@ -264,11 +274,9 @@ def bench_scale(args, work: Path, model: Path, config: dict) -> list[dict]:
     for (seq, batch), shape_runs in runs.items():
         row = summarize(f"seq{seq}-b{batch}", shape_runs, 0)
         row.update(seq=seq, batch=batch)
-        ok = [r for r in shape_runs if "error" not in r]
         if "error" not in row:
-            row["s_per_ktoken"] = row["median_s"] / (statistics.mean(t for r in ok for t in r["tokens"]) / 1000)
-            flops = statistics.mean(step_flops(config, shape, "lora") for r in ok for shape in r["pair_tokens"])
-            row["gflops_per_s"] = flops / row["median_s"] / 1e9
+            row["s_per_ktoken"] = 1000 / row["tokens_per_s"]
+            add_flops(row, config, step_shapes(shape_runs), "lora")
         out.append(row)
     return out
 
