@@ -159,6 +159,12 @@ class ComputeConfig:
                                      "block recomputes its softmax in the backward instead of keeping it "
                                      "(mlx_dpo/cpu_attention.py); 0 = all rows at once, softmax kept. "
                                      "No effect on Metal.", min=0)
+    recompute_activations: bool = opt(True, "MLX on the CPU, with fast_cpu_math: recompute the cheap activations in "
+                                            "the backward instead of keeping them from the forward: attention's "
+                                            "softmax (from the kept queries and keys) and, under LoRA, the SwiGLU "
+                                            "product that feeds the down projection. A LoRA step of SmolLM2-135M "
+                                            "peaks ~27% lower for a few percent more time (docs/benchmarks.md). "
+                                            "No effect on Metal.")
 
 
 @dataclass

@@ -26,7 +26,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .cpu_kernels import MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive, row_max, row_sum
+from .cpu_kernels import (MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive, recompute_activations,
+                          row_max, row_sum)
+from .recompute import after
 
 BLOCKED_FROM = 1024 * 1024  # queries x keys of a layer from which blocks pay (measured, see above)
 ROW_ALIGN = 16  # causal attention's key axis is padded to a multiple of this (see _aligned)
@@ -139,6 +141,7 @@ def _make_blocked(scale: float, offset: int, block: int, padded: bool):
         q, k, v, *left_pad = primals
         mask = CausalMask(offset, left_pad[0] if padded else None)
         d_out, (out, lse) = cotangents[0], outputs
+        q, k = after([q, k], d_out)  # else MLX may recompute the scores during the forward and keep them
         q = q * scale
         keys = k.shape[2]
         row_dot = (d_out * out).sum(axis=-1, keepdims=True)
@@ -238,7 +241,7 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
         return dense_attention(queries, keys, values, scale, mask)
     keys, values = _aligned(keys, values)
     block = attention_block()
-    if block and t * s >= BLOCKED_FROM:
+    if block and (t * s >= BLOCKED_FROM or recompute_activations()):
         return blocked_attention(queries, keys, values, scale, mask, block)
     return kept_blocks_attention(queries, keys, values, scale, mask, block)
 

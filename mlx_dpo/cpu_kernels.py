@@ -27,6 +27,8 @@ import mlx.core as mx
 _ACTIVE = contextvars.ContextVar("mlx_dpo_cpu_kernels", default=False)
 # While the model's attention is ours: its query block (0 = none), and masks may stay symbolic.
 _ATTENTION = contextvars.ContextVar("mlx_dpo_cpu_attention", default=None)
+# Whether cheap activations are recomputed in the backward (compute.recompute_activations).
+_RECOMPUTE = contextvars.ContextVar("mlx_dpo_cpu_recompute", default=False)
 
 _LOG2E = 1.4426950408889634
 _ROUND = 12582912.0  # 1.5 * 2**23: adding then subtracting it rounds a float32 to an integer
@@ -120,9 +122,15 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
 @swiglu.vjp
 def _swiglu_vjp(primals, cotangent, output):
     gate, x = primals
-    s = _sigmoid(gate)  # recomputed rather than kept: one (tokens, intermediate) array less
+    silu, d_silu = silu_parts(gate)  # recomputed rather than kept: one (tokens, intermediate) array less
+    return cotangent * x * d_silu, cotangent * silu
+
+
+def silu_parts(gate: mx.array) -> tuple[mx.array, mx.array]:
+    """(silu(gate), its derivative), for SwiGLU's backward passes."""
+    s = _sigmoid(gate)
     silu = gate * s
-    return cotangent * x * (s + silu * (1.0 - s)), cotangent * silu
+    return silu, s + silu * (1.0 - s)
 
 
 @mx.custom_function
@@ -180,6 +188,12 @@ def attention_block() -> Optional[int]:
     return _ATTENTION.get()
 
 
+def recompute_activations() -> bool:
+    """Inside `installed`: whether the SwiGLU product and attention's softmax are recomputed in
+    the backward (compute.recompute_activations) rather than kept."""
+    return _RECOMPUTE.get()
+
+
 def _targets(model) -> list[tuple[object, str, object]]:
     """(module, name, replacement) for the names in the model's module that we speed up."""
     from mlx_lm.models import activations, base
@@ -196,14 +210,18 @@ def _targets(model) -> list[tuple[object, str, object]]:
 
 
 @contextlib.contextmanager
-def installed(model, enabled: bool = True, attention_block: Optional[int] = None):
+def installed(model, enabled: bool = True, attention_block: Optional[int] = None,
+              recompute: Optional[bool] = None):
     """Within the block, `model`'s forward uses the fast SwiGLU, attention and log-sum-exp;
-    causal attention in blocks of `attention_block` query rows (0: all at once; None: the
-    config's default, `compute.attention_block`)."""
-    if attention_block is None:
-        from .config import ComputeConfig
+    causal attention in blocks of `attention_block` query rows (0: all at once), and with
+    `recompute` the SwiGLU product and attention's softmax recomputed in the backward (None:
+    the config's defaults, `compute.attention_block` and `compute.recompute_activations`)."""
+    from .config import ComputeConfig
 
+    if attention_block is None:
         attention_block = ComputeConfig.attention_block
+    if recompute is None:
+        recompute = ComputeConfig.recompute_activations
     if not enabled or mx.default_device() != mx.cpu or _ACTIVE.get():
         yield
         return
@@ -212,6 +230,7 @@ def installed(model, enabled: bool = True, attention_block: Optional[int] = None
     token = _ACTIVE.set(True)
     ours = any(name == "scaled_dot_product_attention" for _, name, _ in targets)
     attention_token = _ATTENTION.set(attention_block if ours else None)
+    recompute_token = _RECOMPUTE.set(recompute)
     try:
         for module, name, fast in targets:
             setattr(module, name, fast)
@@ -219,5 +238,6 @@ def installed(model, enabled: bool = True, attention_block: Optional[int] = None
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
+        _RECOMPUTE.reset(recompute_token)
         _ATTENTION.reset(attention_token)
         _ACTIVE.reset(token)

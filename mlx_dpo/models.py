@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu_lora
+from . import cpu_lora, recompute
 from .config import Config
 from .engines.base import scales_zeroed
 from .errors import UserError
@@ -117,7 +117,7 @@ def checkpoint_layer(layer: nn.Module) -> None:
             self.update(params)
             return call(self, x, *args, **kwargs)
 
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+        return recompute.checkpoint(inner)(self.trainable_parameters(), x)
 
     layer.__class__ = type(f"Checkpointed{base.__name__}", (base,), {"__call__": checkpointed})
 

@@ -83,8 +83,9 @@ class MLXEngine:
 
     def kernels(self):
         """Context for every forward this engine runs: the fast CPU kernels where they apply."""
-        return cpu_kernels.installed(self.models.policy, self.cfg.compute.fast_cpu_math,
-                                     self.cfg.compute.attention_block)
+        c = self.cfg.compute
+        return cpu_kernels.installed(self.models.policy, c.fast_cpu_math, c.attention_block,
+                                     c.recompute_activations)
 
     def forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         with self.kernels():
