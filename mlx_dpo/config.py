@@ -159,12 +159,16 @@ class ComputeConfig:
                                      "block recomputes its softmax in the backward instead of keeping it "
                                      "(mlx_dpo/cpu_attention.py); 0 = all rows at once, softmax kept. "
                                      "No effect on Metal.", min=0)
-    recompute_activations: bool = opt(True, "MLX on the CPU, with fast_cpu_math: recompute the cheap activations in "
-                                            "the backward instead of keeping them from the forward: attention's "
-                                            "softmax (from the kept queries and keys) and, under LoRA, the SwiGLU "
-                                            "product that feeds the down projection. A LoRA step of SmolLM2-135M "
-                                            "peaks ~27% lower for a few percent more time (docs/benchmarks.md). "
-                                            "No effect on Metal.")
+    recompute_activations: bool = opt(True, "MLX on the CPU, with fast_cpu_math and LoRA: recompute the SwiGLU product "
+                                            "that feeds the down projection in the backward instead of keeping it "
+                                            "from the forward (1536 floats per token and layer of SmolLM2-135M: "
+                                            "0.28 GB less MLX peak on the bench's LoRA step, within a few percent "
+                                            "of its time; docs/benchmarks.md). No effect on Metal.")
+    recompute_attention: bool = opt(False, "MLX on the CPU, with fast_cpu_math: recompute attention's softmax in the "
+                                           "backward at every length, not only from 1024 x 1024 scores per layer "
+                                           "(compute.attention_block): another 0.22 GB less on the bench's LoRA "
+                                           "step, for ~8% more time at 256 tokens and more at longer ones. "
+                                           "No effect on Metal.")
 
 
 @dataclass

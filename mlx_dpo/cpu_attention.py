@@ -13,7 +13,10 @@ on long sequences: on a LoRA step of SmolLM2-135M on 2 cores, blocks of 256 rows
 run-to-run noise of dense attention at 1024 tokens and 1.15x faster (and 1 GB lighter) at 2048
 (docs/benchmarks.md). So layers whose score matrix is smaller than `BLOCKED_FROM` keep their
 softmax: in the same blocks of query rows (`kept_blocks_attention`, which skips the masked upper
-triangle too) when there is more than one, else dense.
+triangle too) when there is more than one, else dense; compute.recompute_attention recomputes
+at every length, for memory (0.22 GB less on the bench's LoRA step, ~8% slower). The backward
+waits for its cotangent before recomputing (`recompute.after`): without that, MLX's wide
+evaluation ran the recomputation during the forward and kept it, which saved nothing.
 
 Masks: mlx-lm's "causal", a `CausalMask` (causal with left padding, kept symbolic so that each
 block builds only its own slice of it), or a `SharedPromptMask` (completion.py's one row per
@@ -26,8 +29,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .cpu_kernels import (MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive, recompute_activations,
-                          row_max, row_sum)
+from .cpu_kernels import (MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive, recompute_attention, row_max,
+                          row_sum)
 from .recompute import after
 
 BLOCKED_FROM = 1024 * 1024  # queries x keys of a layer from which blocks pay (measured, see above)
@@ -241,7 +244,7 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
         return dense_attention(queries, keys, values, scale, mask)
     keys, values = _aligned(keys, values)
     block = attention_block()
-    if block and (t * s >= BLOCKED_FROM or recompute_activations()):
+    if block and (t * s >= BLOCKED_FROM or recompute_attention()):
         return blocked_attention(queries, keys, values, scale, mask, block)
     return kept_blocks_attention(queries, keys, values, scale, mask, block)
 

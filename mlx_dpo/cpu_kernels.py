@@ -27,8 +27,9 @@ import mlx.core as mx
 _ACTIVE = contextvars.ContextVar("mlx_dpo_cpu_kernels", default=False)
 # While the model's attention is ours: its query block (0 = none), and masks may stay symbolic.
 _ATTENTION = contextvars.ContextVar("mlx_dpo_cpu_attention", default=None)
-# Whether cheap activations are recomputed in the backward (compute.recompute_activations).
-_RECOMPUTE = contextvars.ContextVar("mlx_dpo_cpu_recompute", default=False)
+# What the backward recomputes rather than keeps: (SwiGLU product, attention's softmax at every
+# length), from compute.recompute_activations and compute.recompute_attention.
+_RECOMPUTE = contextvars.ContextVar("mlx_dpo_cpu_recompute", default=(False, False))
 
 _LOG2E = 1.4426950408889634
 _ROUND = 12582912.0  # 1.5 * 2**23: adding then subtracting it rounds a float32 to an integer
@@ -189,9 +190,13 @@ def attention_block() -> Optional[int]:
 
 
 def recompute_activations() -> bool:
-    """Inside `installed`: whether the SwiGLU product and attention's softmax are recomputed in
-    the backward (compute.recompute_activations) rather than kept."""
-    return _RECOMPUTE.get()
+    """Inside `installed`: whether a LoRA MLP recomputes its SwiGLU product in the backward."""
+    return _RECOMPUTE.get()[0]
+
+
+def recompute_attention() -> bool:
+    """Inside `installed`: whether attention recomputes its softmax in the backward at every length."""
+    return _RECOMPUTE.get()[1]
 
 
 def _targets(model) -> list[tuple[object, str, object]]:
@@ -211,17 +216,20 @@ def _targets(model) -> list[tuple[object, str, object]]:
 
 @contextlib.contextmanager
 def installed(model, enabled: bool = True, attention_block: Optional[int] = None,
-              recompute: Optional[bool] = None):
+              recompute: Optional[bool] = None, recompute_attention: Optional[bool] = None):
     """Within the block, `model`'s forward uses the fast SwiGLU, attention and log-sum-exp;
-    causal attention in blocks of `attention_block` query rows (0: all at once), and with
-    `recompute` the SwiGLU product and attention's softmax recomputed in the backward (None:
-    the config's defaults, `compute.attention_block` and `compute.recompute_activations`)."""
+    causal attention in blocks of `attention_block` query rows (0: all at once); with `recompute`
+    a LoRA MLP's SwiGLU product and with `recompute_attention` attention's softmax recomputed in
+    the backward. None: the config's defaults (`compute.attention_block`,
+    `compute.recompute_activations`, `compute.recompute_attention`)."""
     from .config import ComputeConfig
 
     if attention_block is None:
         attention_block = ComputeConfig.attention_block
     if recompute is None:
         recompute = ComputeConfig.recompute_activations
+    if recompute_attention is None:
+        recompute_attention = ComputeConfig.recompute_attention
     if not enabled or mx.default_device() != mx.cpu or _ACTIVE.get():
         yield
         return
@@ -230,7 +238,7 @@ def installed(model, enabled: bool = True, attention_block: Optional[int] = None
     token = _ACTIVE.set(True)
     ours = any(name == "scaled_dot_product_attention" for _, name, _ in targets)
     attention_token = _ATTENTION.set(attention_block if ours else None)
-    recompute_token = _RECOMPUTE.set(recompute)
+    recompute_token = _RECOMPUTE.set((recompute, recompute_attention))
     try:
         for module, name, fast in targets:
             setattr(module, name, fast)

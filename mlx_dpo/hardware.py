@@ -23,13 +23,16 @@ METAL_ENV_DEFAULTS = {"MLX_METAL_PREALLOCATE": "1", "MLX_METAL_FAST_SYNCH": "1"}
 # 4.1 s at 2000 (5.5 s on one stream), peak memory 2.5 GB either way.
 CPU_ENV_DEFAULTS = {"MLX_BFS_MAX_WIDTH": "2000"}
 # MLX keeps freed buffers for reuse only up to its cache limit, 32 MiB by default on the CPU;
-# larger ones go back to the OS, and each step then page-faults its big arrays in again
-# (27,000 faults, ~67 ms, for one 112 MB logits array). Up to a quarter of RAM is allowed until
-# the first training step has run; from then on the limit follows the largest step's working set
-# (`fit_cpu_cache`): MLX reuses a cached buffer only for a request of nearly its size, so a larger
-# cache would fill with buffers of other shapes and count as resident memory for nothing
-# (MLX_DPO_CPU_CACHE_FRACTION=0 keeps MLX's default).
-CPU_CACHE_FRACTION = float(os.environ.get("MLX_DPO_CPU_CACHE_FRACTION", "0.25"))
+# larger ones go back to the OS, and each step page-faults its big arrays in again. With
+# MLX_DPO_CPU_CACHE_FRACTION=F (0 < F < 1), up to F of RAM is allowed until the first training
+# step has run; from then on the limit follows the largest step's working set (`fit_cpu_cache`):
+# MLX reuses a cached buffer only for a request of nearly its size, so a larger cache would fill
+# with buffers of other shapes and count as resident memory for nothing. It paid when a step
+# wrote a (tokens x vocabulary) logits array (27,000 faults, ~67 ms, for one of 112 MB); since
+# the head runs in vocabulary chunks (head_logps.py) the bench's LoRA step takes the same time
+# with MLX's default (3.91 against 3.89 s, 3.96 against 4.20 s in two bench runs; `mlx-cache`
+# row) at 0.11-0.14 GB less resident memory, so MLX's default is the default (F = 0).
+CPU_CACHE_FRACTION = float(os.environ.get("MLX_DPO_CPU_CACHE_FRACTION", "0"))
 
 # Where Debian/Ubuntu/Fedora put an optimized BLAS exporting the CBLAS symbols MLX calls.
 OPENBLAS_CANDIDATES = (

@@ -111,7 +111,7 @@ def checkpoint_layer(layer: nn.Module) -> None:
     call = base.__call__
 
     def checkpointed(self, x, *args, **kwargs):
-        # Only the parameters and the hidden states go through mx.checkpoint (it takes arrays);
+        # Only the parameters and the hidden states go through the checkpoint (it takes arrays);
         # the mask and the cache, which need no gradient, are closed over.
         def inner(params, x):
             self.update(params)

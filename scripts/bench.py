@@ -92,15 +92,13 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     "mlx-dpo-lora/live-ref": ("mlx-dpo", "lora", {"mlx_dpo": {"precompute_reference": False}}),
     "mlx-dpo-lora/mlx-exp": ("mlx-dpo", "lora", {"mlx_dpo": {"fast_cpu_math": False}}),
     "mlx-dpo-lora/one-stream": ("mlx-dpo", "lora", {"mlx_dpo": {"cpu_streams": 1}}),
-    "mlx-dpo-lora/mlx-cache": ("mlx-dpo", "lora", {"env": {"MLX_DPO_CPU_CACHE_FRACTION": "0"}}),
+    "mlx-dpo-lora/sized-cache": ("mlx-dpo", "lora", {"env": {"MLX_DPO_CPU_CACHE_FRACTION": "0.25"}}),
+    "mlx-dpo-lora/keep-swiglu": ("mlx-dpo", "lora", {"mlx_dpo": {"recompute_activations": False}}),
+    "mlx-dpo-lora/recompute-attention": ("mlx-dpo", "lora", {"mlx_dpo": {"recompute_attention": True}}),
     "mlx-dpo-full/one-stream": ("mlx-dpo", "full", {"mlx_dpo": {"cpu_streams": 1}}),
     # the memory setting each trainer offers, on both
     "mlx-dpo-lora/checkpointing": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True}}),
     "mlx-lm-lora-lora/checkpointing": ("mlx-lm-lora", "lora", {"mlx_lm_lora": {"grad_checkpoint": True}}),
-    # mlx-dpo's lowest-memory setting: checkpointing, one CPU stream and MLX's default evaluation
-    # width (README, "Lowest memory")
-    "mlx-dpo-lora/low-memory": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True, "cpu_streams": 1},
-                                                    "env": {"MLX_BFS_MAX_WIDTH": "20"}}),
 }
 
 

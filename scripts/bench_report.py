@@ -98,12 +98,11 @@ def goals(results: dict) -> list[str]:
         lines.append(f"- LoRA peak memory <= 0.6x mlx-lm-lora's: {x:.2f}x by MLX's allocator peak — "
                      f"{verdict(x <= 0.6)}; {y:.2f}x by process peak RSS — {verdict(y <= 0.6)} (RSS adds the "
                      "Python runtime with its imports and MLX's buffer cache; see the notes below)")
-    x = ratio("mlx-dpo-lora/low-memory", "mlx-lm-lora-lora", "peak_rss_gb")
+    x = ratio("mlx-dpo-lora/checkpointing", "mlx-lm-lora-lora", "peak_rss_gb")
     if x is not None:
-        z = ratio("mlx-dpo-lora/low-memory", "mlx-lm-lora-lora", "pairs_per_s")
+        z = ratio("mlx-dpo-lora/checkpointing", "mlx-lm-lora-lora", "pairs_per_s")
         lines.append(f"- LoRA peak RSS <= 0.6x mlx-lm-lora's (its defaults) with mlx-dpo's lowest-memory setting "
-                     f"(`low-memory`: gradient checkpointing, one CPU stream, MLX's default evaluation width): {x:.2f}x — "
-                     f"{verdict(x <= 0.6)}, at {z:.2f}x its pairs/s")
+                     f"(`checkpointing`): {x:.2f}x — {verdict(x <= 0.6)}, at {z:.2f}x its pairs/s")
     x = ratio("mlx-dpo-lora/checkpointing", "mlx-lm-lora-lora/checkpointing", "peak_mlx_gb")
     if x is not None:
         y = ratio("mlx-dpo-lora/checkpointing", "mlx-lm-lora-lora/checkpointing", "peak_rss_gb")
@@ -259,13 +258,14 @@ Rows with a slash switch one technique off: `plain` is the full-logits path with
 reference, no shared prompt, no compile, MLX's own exp and one CPU stream; `mlx-exp` turns
 mlx-dpo's CPU kernels off (`compute.fast_cpu_math`: the fast exp, attention's own VJP and blocks,
 LoRA's addmm, the vectorised row maxima and sums), leaving MLX's `exp` and mlx-lm's own layers; `one-stream` runs the
-micro-batch on one CPU stream (`compute.cpu_streams: 1`); `mlx-cache` keeps MLX's default CPU
-buffer cache (`MLX_DPO_CPU_CACHE_FRACTION=0`); `checkpointing` turns on each trainer's gradient
-checkpointing (mlx-dpo: `compute.gradient_checkpointing`, every block; mlx-lm-lora: its
-`grad_checkpoint`, which wraps the model's block class); `low-memory` is mlx-dpo's lowest-memory
-setting, checkpointing plus `compute.cpu_streams: 1` and `MLX_BFS_MAX_WIDTH=20` (MLX's own
-default width, at which each block's recomputed activations are freed before the next block's
-are made, and at which two CPU streams would barely overlap). Every technique is on by default and
+micro-batch on one CPU stream (`compute.cpu_streams: 1`); `sized-cache` sizes MLX's CPU buffer
+cache to the largest step's working set (`MLX_DPO_CPU_CACHE_FRACTION=0.25`, the default before
+this bench: see mlx_dpo/hardware.py) instead of MLX's 32 MiB default; `keep-swiglu` keeps the SwiGLU product from the
+forward instead of recomputing it (`compute.recompute_activations: false`); `recompute-attention`
+is the other way round, a setting that is off by default: attention's softmax recomputed at
+every length (`compute.recompute_attention: true`); `checkpointing` turns on each trainer's gradient checkpointing (mlx-dpo:
+`compute.gradient_checkpointing`, every block, its lowest-memory setting; mlx-lm-lora: its
+`grad_checkpoint`, which wraps the model's block class). Every other technique is on by default and
 has an exactness test (tests/test_perf_*.py, tests/test_cpu_kernels.py, tests/test_cpu_attention.py,
 tests/test_cpu_lora.py, tests/test_cpu_streams.py).
 Length-grouped batches padded to a multiple of 16 come from the core batching and were not
@@ -275,10 +275,8 @@ Peak memory: "peak MLX GB" is MLX's allocator peak (arrays alive at once), as ml
 mlx-lm-lora report it; "peak RSS GB" is the process's peak resident memory over the whole run
 (reference pass included), which also holds the Python runtime and its imports (~0.26 GB here,
 PyTorch included: `transformers` imports it when it is installed, for every row alike) and MLX's
-buffer cache. mlx-dpo sizes that cache on the CPU to the largest training step's working set so
-that a step's large arrays are reused rather than page-faulted in again (the `mlx-cache` row
-shows what that buys); mlx-lm-lora keeps MLX's 32 MiB default, and `MLX_DPO_CPU_CACHE_FRACTION=0`
-gives mlx-dpo the same."""
+buffer cache, 32 MiB by default for every row (`sized-cache` shows what mlx-dpo's earlier sized
+cache bought and cost)."""
 
 
 def write_docs(results: dict, docs: Path, earlier=None) -> None:

@@ -40,7 +40,9 @@ def _mlx_dpo_config(spec: dict, opts: dict) -> dict:
                         "reference_cache_dir": spec["cache_dir"]},
            "compute": {"compile": opts.get("compile", True), "cpu_streams": opts.get("cpu_streams", 0),
                        "fast_cpu_math": opts.get("fast_cpu_math", True),
-                       "gradient_checkpointing": opts.get("gradient_checkpointing", False)},
+                       "gradient_checkpointing": opts.get("gradient_checkpointing", False),
+                       "recompute_activations": opts.get("recompute_activations", True),
+                       "recompute_attention": opts.get("recompute_attention", False)},
            "logging": {"output_dir": spec["cache_dir"]}}
 
 

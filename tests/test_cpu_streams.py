@@ -61,18 +61,25 @@ def _cache_limit() -> int:
     return value
 
 
-def test_runtime_defaults_for_the_cpu():
+def test_runtime_defaults_for_the_cpu(monkeypatch):
     from mlx_dpo import hardware
 
     if os.uname().sysname == "Linux":
         assert int(os.environ["MLX_BFS_MAX_WIDTH"]) >= 2000
+    assert hardware.CPU_CACHE_FRACTION == 0 or "MLX_DPO_CPU_CACHE_FRACTION" in os.environ
+    before = _cache_limit()
+    hardware.keep_cpu_buffers()
+    assert _cache_limit() == before  # MLX's own cache limit by default
+    monkeypatch.setattr(hardware, "CPU_CACHE_FRACTION", 0.25)
     hardware.keep_cpu_buffers()
     assert _cache_limit() >= hardware.cpu_cache_ceiling() * 0.99
 
 
-def test_cpu_cache_follows_the_largest_steps_working_set(make_config):
+def test_cpu_cache_follows_the_largest_steps_working_set(make_config, monkeypatch):
+    """MLX_DPO_CPU_CACHE_FRACTION=0.25: the cache sized to the largest step's working set."""
     from mlx_dpo import hardware, refcache
 
+    monkeypatch.setattr(hardware, "CPU_CACHE_FRACTION", 0.25)
     engine = MLXEngine(make_config())
     quarter = hardware.cpu_cache_ceiling()
     assert _cache_limit() >= quarter * 0.99  # raised for the first step

@@ -94,15 +94,15 @@ def test_blocked_attention_recomputes_its_softmax_in_the_backward():
     assert growth(cpu_attention.blocked_attention) < 1
 
 
-def test_recompute_switch_takes_blocks_below_the_threshold(monkeypatch):
+def test_recompute_attention_takes_blocks_below_the_threshold(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_attention, "blocked_attention", lambda *a: calls.append(a[-1]) or a[0])
     monkeypatch.setattr(cpu_attention, "attention_block", lambda: 4)
     q = mx.zeros((1, 2, 8, 4))
-    with cpu_kernels.installed(nn.Module(), recompute=False):
+    with cpu_kernels.installed(nn.Module(), recompute=True, recompute_attention=False):
         cpu_attention.attention(q, q, q, None, scale=1.0, mask="causal")
     assert calls == []
-    with cpu_kernels.installed(nn.Module(), recompute=True):
+    with cpu_kernels.installed(nn.Module(), recompute=False, recompute_attention=True):
         cpu_attention.attention(q, q, q, None, scale=1.0, mask="causal")
     assert calls == [4]
 
@@ -193,7 +193,8 @@ def test_engine_step_is_the_same_with_and_without_recomputation(make_config):
     from mlx_dpo.data.pipeline import prepare_data
     from mlx_dpo.engines.mlx_engine import MLXEngine
 
-    engines = [MLXEngine(make_config(**{"compute.recompute_activations": flag, "compute.attention_block": 4}))
+    engines = [MLXEngine(make_config(**{"compute.recompute_activations": flag, "compute.recompute_attention": flag,
+                                        "compute.attention_block": 4}))
                for flag in (True, False)]
     assert any(type(m).__name__.startswith("Recomputing") for _, m in engines[0].models.policy.named_modules())
     pairs = prepare_data(engines[0].cfg, engines[0].tokenizer).train.pairs[:4]

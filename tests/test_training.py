@@ -197,7 +197,7 @@ def test_gradient_checkpointing_gives_the_same_update(make_config, finetune):
                                             "model.finetune": finetune}))
                    for flag in (False, True))
     assert "gradient checkpointing: on (per transformer block)" in ckpt.notes
-    assert ckpt.fast.shared  # the shared prompt's mask and cache pass through mx.checkpoint
+    assert ckpt.fast.shared  # the shared prompt's mask and cache pass through the checkpoint
     pairs = prepare_data(plain.cfg, plain.tokenizer).train.pairs[:4]
     for engine in (plain, ckpt):
         engine.forward_backward(collate(pairs, 0), 4)

@@ -85,7 +85,7 @@ class MLXEngine:
         """Context for every forward this engine runs: the fast CPU kernels where they apply."""
         c = self.cfg.compute
         return cpu_kernels.installed(self.models.policy, c.fast_cpu_math, c.attention_block,
-                                     c.recompute_activations)
+                                     c.recompute_activations, c.recompute_attention)
 
     def forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         with self.kernels():
