@@ -98,27 +98,36 @@ def use_addmm(model: nn.Module) -> int:
     layers = [m for _, m in model.named_modules() if type(m) is LoRALinear]
     for layer in layers:
         layer.__class__ = AddmmLoRALinear
-    checked = {}
+    recomputing = {}  # an MLP class -> its recomputing subclass, or None where the check failed
     for _, module in model.named_modules():
-        base = type(module)
-        if base not in checked:
-            checked[base] = _recomputing_class(module)
-        if checked[base] is not None:
-            module.__class__ = checked[base]
+        if _lora_swiglu_projections(module):
+            if type(module) not in recomputing:
+                recomputing[type(module)] = _recomputing_class(module)
+            if recomputing[type(module)] is not None:
+                module.__class__ = recomputing[type(module)]
     return len(layers)
+
+
+def _lora_swiglu_projections(mlp: nn.Module):
+    """The module's gate, up and down projections if all three are LoRA layers over a plain
+    linear without a bias and its module calls mlx-lm's `swiglu`; else None. Per instance: LoRA may cover only some
+    layers of a model."""
+    from mlx_lm.models import activations
+
+    projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if (all(isinstance(p, AddmmLoRALinear) and type(p.linear) is nn.Linear and "bias" not in p.linear
+            for p in projections)
+            and getattr(sys.modules.get(type(mlp).__module__), "swiglu", None) is activations.swiglu):
+        return projections
+    return None
 
 
 def _recomputing_class(mlp: nn.Module):
     """A subclass of the MLP's class whose call recomputes the SwiGLU product in the backward
-    (inside `cpu_kernels.installed`, with compute.recompute_activations), or None where the module
-    is not down(swiglu(gate(x), up(x))) with LoRA projections: checked on three tokens."""
-    from mlx_lm.models import activations
-
-    projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if (not all(isinstance(p, AddmmLoRALinear) for p in projections)
-            or getattr(sys.modules.get(type(mlp).__module__), "swiglu", None) is not activations.swiglu):
-        return None
+    (inside `cpu_kernels.installed`, with compute.recompute_activations), or None where the class
+    does not compute down(swiglu(gate(x), up(x))): checked on three tokens."""
     base = type(mlp)
+    gate, up, down = _lora_swiglu_projections(mlp)
 
     def call(self, x):
         down = self.down_proj
@@ -130,11 +139,9 @@ def _recomputing_class(mlp: nn.Module):
                               down.lora_a, down.lora_b, mx.array([down.scale], dtype=x.dtype))
         return y.reshape(*gate.shape[:-1], y.shape[-1])
 
-    x = mx.random.normal((1, 3, projections[0].linear.weight.shape[1]), key=mx.random.key(0))
-    x = x.astype(projections[0].linear.weight.dtype)
-    down = projections[2]
-    ours = _swiglu_lora_down(projections[0](x)[0], projections[1](x)[0], down.linear.weight, down.lora_a,
-                             down.lora_b, mx.array([down.scale], dtype=x.dtype))
-    if "bias" in down.linear or not mx.allclose(ours, base.__call__(mlp, x)[0], rtol=1e-3, atol=1e-4).item():
+    x = mx.random.normal((1, 3, gate.linear.weight.shape[1]), key=mx.random.key(0)).astype(gate.linear.weight.dtype)
+    ours = _swiglu_lora_down(gate(x)[0], up(x)[0], down.linear.weight, down.lora_a, down.lora_b,
+                             mx.array([down.scale], dtype=x.dtype))
+    if not mx.allclose(ours, base.__call__(mlp, x)[0], rtol=1e-3, atol=1e-4).item():
         return None
     return type(f"Recomputing{base.__name__}", (base,), {"__call__": call})

@@ -14,9 +14,9 @@ meant to free:
   Depending on the incoming cotangent (`after`) holds it back until the backward gets there.
 
 `checkpoint(fn)` is `mx.checkpoint` with its parameter gradients ordered. A LoRA step of the
-bench's shape (SmolLM2-135M, 2 pairs of ~500 tokens, every block checkpointed) peaks at 0.73 GB
-where `mx.checkpoint` peaked at 1.64 GB and no checkpointing at 1.89 GB (scripts/bench.py's
-`checkpointing` row has the bench's own figures).
+bench's shape (SmolLM2-135M, 2 pairs of ~500 tokens, every block checkpointed) peaks at 0.72 GB
+where `mx.checkpoint` peaked at 1.64 GB, and without checkpointing at 1.89 GB (1.61 GB with the
+SwiGLU recomputation in cpu_lora.py). docs/benchmarks.md has the bench's own figures.
 """
 from __future__ import annotations
 

@@ -188,6 +188,15 @@ def test_only_mlps_that_compute_down_of_swiglu_are_recomputed():
     assert type(plain) is Plain
 
 
+def test_lora_on_some_layers_recomputes_only_those():
+    # mlx-lm puts LoRA on the last N blocks: MLPs of one class, with and without it.
+    model = nn.Module()
+    model.layers = [MLP(ModelArgs(model_type="llama", hidden_size=D, num_hidden_layers=1, intermediate_size=H,
+                                  num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=64)), _lora_mlp()]
+    cpu_lora.use_addmm(model)
+    assert [type(m).__name__ for m in model.layers] == ["MLP", "RecomputingMLP"]
+
+
 def test_engine_step_is_the_same_with_and_without_recomputation(make_config):
     from mlx_dpo.data.batching import collate
     from mlx_dpo.data.pipeline import prepare_data
