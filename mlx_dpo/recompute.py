@@ -31,10 +31,9 @@ def ordered(input_grads: Sequence[mx.array], param_grads: Sequence[mx.array]) ->
     return mx.depends(list(input_grads), list(param_grads))
 
 
-def after(arrays: Sequence[mx.array], cotangents) -> list[mx.array]:
-    """`arrays`, for a recomputation that must wait until the backward reaches it."""
-    deps = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
-    return mx.depends(list(arrays), deps)
+def after(arrays: Sequence[mx.array], cotangent: mx.array) -> list[mx.array]:
+    """`arrays`, for a recomputation that must wait until the backward brings `cotangent`."""
+    return mx.depends(list(arrays), [cotangent])
 
 
 def checkpoint(fn: Callable[[dict, mx.array], mx.array]) -> Callable[[dict, mx.array], mx.array]:
@@ -58,7 +57,8 @@ def checkpoint(fn: Callable[[dict, mx.array], mx.array]) -> Callable[[dict, mx.a
 
         _, grads = mx.vjp(flat, [*leaves, x], [cotangent])
         *param_grads, d_x = grads
-        d_x, = ordered([d_x], param_grads)
-        return tree_unflatten(list(zip(names, param_grads))), d_x
+        if param_grads:
+            d_x, = ordered([d_x], param_grads)
+        return (tree_unflatten(list(zip(names, param_grads))) if names else params), d_x
 
     return forward

@@ -50,6 +50,12 @@ def test_checkpoint_gives_the_plain_gradients():
     _assert_trees_close(_stack_grads(4, recompute.checkpoint)(), _stack_grads(4, lambda f: f)(), rtol=1e-5, atol=1e-6)
 
 
+def test_checkpoint_without_parameters():  # a block with nothing to train still passes gradients on
+    x = mx.array([1.0, -2.0])
+    grad = mx.grad(lambda x: recompute.checkpoint(lambda params, x: mx.sin(x))({}, x).sum())(x)
+    np.testing.assert_allclose(np.array(grad), np.cos(np.array([1.0, -2.0])), rtol=1e-6)
+
+
 def test_checkpointed_peak_does_not_grow_with_depth():
     # Each block's parameter gradient is made as the backward passes it, so recomputed activations
     # never pile up. mx.checkpoint's gradients may wait for the end of the backward, holding each
