@@ -100,9 +100,10 @@ def use_addmm(model: nn.Module) -> int:
         layer.__class__ = AddmmLoRALinear
     recomputing = {}  # an MLP class -> its recomputing subclass, or None where the check failed
     for _, module in model.named_modules():
-        if _lora_swiglu_projections(module):
+        projections = _lora_swiglu_projections(module)
+        if projections:
             if type(module) not in recomputing:
-                recomputing[type(module)] = _recomputing_class(module)
+                recomputing[type(module)] = _recomputing_class(module, *projections)
             if recomputing[type(module)] is not None:
                 module.__class__ = recomputing[type(module)]
     return len(layers)
@@ -110,8 +111,8 @@ def use_addmm(model: nn.Module) -> int:
 
 def _lora_swiglu_projections(mlp: nn.Module):
     """The module's gate, up and down projections if all three are LoRA layers over a plain
-    linear without a bias and its module calls mlx-lm's `swiglu`; else None. Per instance: LoRA may cover only some
-    layers of a model."""
+    linear without a bias and its module calls mlx-lm's `swiglu`; else None. Per instance:
+    LoRA may cover only some layers of a model."""
     from mlx_lm.models import activations
 
     projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
@@ -122,26 +123,27 @@ def _lora_swiglu_projections(mlp: nn.Module):
     return None
 
 
-def _recomputing_class(mlp: nn.Module):
+def _down_of_swiglu(gate: mx.array, up: mx.array, down: AddmmLoRALinear) -> mx.array:
+    """down(swiglu(gate, up)) through `_swiglu_lora_down`, for gate and up (..., intermediate)."""
+    width = gate.shape[-1]
+    y = _swiglu_lora_down(gate.reshape(-1, width), up.reshape(-1, width), down.linear.weight, down.lora_a,
+                          down.lora_b, mx.array([down.scale], dtype=gate.dtype))
+    return y.reshape(*gate.shape[:-1], y.shape[-1])
+
+
+def _recomputing_class(mlp: nn.Module, gate: AddmmLoRALinear, up: AddmmLoRALinear, down: AddmmLoRALinear):
     """A subclass of the MLP's class whose call recomputes the SwiGLU product in the backward
     (inside `cpu_kernels.installed`, with compute.recompute_activations), or None where the class
     does not compute down(swiglu(gate(x), up(x))): checked on three tokens."""
     base = type(mlp)
-    gate, up, down = _lora_swiglu_projections(mlp)
 
     def call(self, x):
-        down = self.down_proj
-        if not (cpu_kernels.recompute_activations() and down._fusable(x)):
+        if not (cpu_kernels.recompute_activations() and self.down_proj._fusable(x)):
             return base.__call__(self, x)
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        width = gate.shape[-1]
-        y = _swiglu_lora_down(gate.reshape(-1, width), up.reshape(-1, width), down.linear.weight,
-                              down.lora_a, down.lora_b, mx.array([down.scale], dtype=x.dtype))
-        return y.reshape(*gate.shape[:-1], y.shape[-1])
+        return _down_of_swiglu(self.gate_proj(x), self.up_proj(x), self.down_proj)
 
-    x = mx.random.normal((1, 3, gate.linear.weight.shape[1]), key=mx.random.key(0)).astype(gate.linear.weight.dtype)
-    ours = _swiglu_lora_down(gate(x)[0], up(x)[0], down.linear.weight, down.lora_a, down.lora_b,
-                             mx.array([down.scale], dtype=x.dtype))
-    if not mx.allclose(ours, base.__call__(mlp, x)[0], rtol=1e-3, atol=1e-4).item():
+    weight = gate.linear.weight
+    x = mx.random.normal((1, 3, weight.shape[1]), key=mx.random.key(0)).astype(weight.dtype)
+    if not mx.allclose(_down_of_swiglu(gate(x), up(x), down), base.__call__(mlp, x), rtol=1e-3, atol=1e-4).item():
         return None
     return type(f"Recomputing{base.__name__}", (base,), {"__call__": call})

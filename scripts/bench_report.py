@@ -254,7 +254,7 @@ does, through a bench-only shim for `mx.device_info()["max_recommended_working_s
 (Metal-only). TRL runs `DPOTrainer` with its defaults (gradient checkpointing on) except
 `use_cpu`, fp32, batch size, learning rate and `max_length`; `trl-full-no-ckpt` would drop
 checkpointing; mlx-dpo clips gradients (max_grad_norm 1.0, as TRL does), mlx-lm-lora does not.
-Rows with a slash switch one technique off: `plain` is the full-logits path with a live
+Rows with a slash change one setting (most switch a technique off): `plain` is the full-logits path with a live
 reference, no shared prompt, no compile, MLX's own exp and one CPU stream; `mlx-exp` turns
 mlx-dpo's CPU kernels off (`compute.fast_cpu_math`: the fast exp, attention's own VJP and blocks,
 LoRA's addmm, the vectorised row maxima and sums), leaving MLX's `exp` and mlx-lm's own layers; `one-stream` runs the
