@@ -17,12 +17,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from .hardware import DeviceInfo, blas_name, cuda_device, detect_device
+from .hardware import DeviceInfo, blas_name, cuda_device, detect_device, prepare_runtime
 
 # Variables that change how mlx-dpo, MLX, BLAS, PyTorch or the Hub behave.
-ENV_PREFIXES = ("MLX_", "MLX_DPO_", "METAL_", "CUDA_", "NCCL_", "PYTORCH_", "HF_", "TRANSFORMERS_")
+ENV_PREFIXES = ("MLX_", "MLX_DPO_", "METAL_", "CUDA_", "NCCL_", "PYTORCH_", "HF_", "TRANSFORMERS_", "MALLOC_")
 ENV_NAMES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LD_PRELOAD", "WORLD_SIZE", "RANK",
-             "LOCAL_RANK", "XDG_CACHE_HOME", "WANDB_MODE")
+             "LOCAL_RANK", "XDG_CACHE_HOME", "WANDB_MODE", "GLIBC_TUNABLES")
 SLOW_BLAS_GFLOPS = 20.0  # MLX's bundled reference BLAS measures ~5 here; OpenBLAS ~100-200
 
 
@@ -45,6 +45,7 @@ def system_findings(measure: bool = True) -> list[Finding]:
            Finding("mlx", "version", f"mlx {mx.__version__}, mlx-lm {_version('mlx-lm')}"),
            Finding("mlx", "default device", f"{mx.default_device()} (Metal "
                    f"{'available' if device.kind == 'metal' else 'not available'})")]
+    out.append(Finding("mlx", "memory allocator", prepare_runtime()["malloc"]))
     out.append(_blas_finding(measure))
     if measure and device.kind == "metal":
         out.append(Finding("blas", "Metal matmul", f"{measure_gflops(mx.gpu):.0f} GFLOP/s (1024^3 float32)"))

@@ -37,6 +37,10 @@ CPU_ENV_DEFAULTS = {"MLX_BFS_MAX_WIDTH": "2000"}
 # set F = 0.25 for long sequences; a default that follows the length is not built yet.
 CPU_CACHE_FRACTION = float(os.environ.get("MLX_DPO_CPU_CACHE_FRACTION", "0"))
 
+# glibc maps blocks from this size on with their own mmap (its largest allowed threshold);
+# smaller ones come from the heap, which _keep_freed_heap stops trimming.
+MALLOC_MMAP_FROM = 32 * 2**20
+
 # Where Debian/Ubuntu/Fedora put an optimized BLAS exporting the CBLAS symbols MLX calls.
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
@@ -76,6 +80,7 @@ def prepare_runtime() -> dict:
         for key, value in CPU_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
     _runtime["blas"] = _preload_blas()
+    _runtime["malloc"] = _keep_freed_heap()
     return _runtime
 
 
@@ -98,6 +103,33 @@ def _preload_blas() -> str:
             except OSError:
                 continue
     return "bundled reference BLAS (slow: install libopenblas0-pthread)"
+
+
+def _keep_freed_heap() -> str:
+    """On glibc, keep freed memory in the heap for the next step's arrays instead of giving it back.
+
+    Arrays too large for MLX's own CPU cache (32 MiB in all by default) are freed to malloc; glibc
+    gives each large freed block back to the kernel (unmapped, or trimmed from the heap's top), so
+    the next step faults its pages in again, zero-filled: at 1024 tokens a LoRA step of
+    SmolLM2-135M took ~150,000 page faults and 1.5 s of system time. Blocks below 32 MiB (every
+    array of a bench step: activations, score blocks, vocabulary chunks) now stay in the heap and
+    are reused at any size, so the peak RSS is unchanged (see docs/benchmarks.md). A user's own
+    MALLOC_* or GLIBC_TUNABLES settings win; MLX_DPO_MALLOC=system leaves glibc's defaults (setting
+    any MALLOC_* threshold would not: it switches glibc's sliding thresholds off); other C
+    libraries are left alone."""
+    if not sys.platform.startswith("linux") or os.environ.get("MLX_DPO_MALLOC") == "system":
+        return "system default"
+    if "GLIBC_TUNABLES" in os.environ or any(key.startswith("MALLOC_") for key in os.environ):
+        return "glibc, user settings"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return "not glibc: default"
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_FROM) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        return "glibc default (mallopt refused)"
+    return f"glibc, heap kept, blocks from {MALLOC_MMAP_FROM >> 20} MiB mapped"
 
 
 @contextlib.contextmanager
