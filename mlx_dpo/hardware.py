@@ -31,10 +31,10 @@ CPU_ENV_DEFAULTS = {"MLX_BFS_MAX_WIDTH": "2000"}
 # wrote a (tokens x vocabulary) logits array (27,000 faults, ~67 ms, for one of 112 MB); since
 # the head runs in vocabulary chunks (head_logps.py) the bench's LoRA step takes the same time
 # with MLX's default (3.91 against 3.89 s, 3.96 against 4.20 s in two bench runs; `mlx-cache`
-# row) at 0.11-0.14 GB less resident memory, so MLX's default is the default (F = 0). Longer
-# sequences still gain from it: at 1024 tokens a step took 13.75-14.55 s with F = 0.25 against
-# 15.30-15.64 s without (scripts/bench_attention.py 1024 2 256 2 default, runs interleaved), so
-# set F = 0.25 for long sequences; a default that follows the length is not built yet.
+# row) at 0.11-0.14 GB less resident memory, so MLX's default is the default (F = 0). What the
+# sized cache still bought at 1024 tokens (~8%) went with glibc's trimming (_keep_freed_heap):
+# 12.87-13.80 s with F = 0.25 against 13.23-14.29 s without, for 0.5 GB more peak RSS
+# (docs/benchmarks.md).
 CPU_CACHE_FRACTION = float(os.environ.get("MLX_DPO_CPU_CACHE_FRACTION", "0"))
 
 # glibc maps blocks from this size on with their own mmap (its largest allowed threshold);
