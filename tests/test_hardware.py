@@ -56,7 +56,7 @@ print(prepare_runtime()["malloc"]); print(*pages)
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's heap settings are Linux-only")
 def test_freed_buffers_stay_in_the_heap_unless_opted_out():
-    """A 20 MiB buffer freed and allocated again is not faulted in again (5120 pages each time
+    """A 20 MiB buffer freed and allocated again is not faulted in again (~5120 pages both times
     with glibc's defaults, which unmap it on free)."""
     import os
 
