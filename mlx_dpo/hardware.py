@@ -168,13 +168,14 @@ def keep_cpu_buffers() -> None:
     import mlx.core as mx
 
     global _raised_cache_limit
-    if mx.default_device() == mx.cpu:
-        wanted = cpu_cache_ceiling()
-        previous = mx.set_cache_limit(wanted)
-        if previous > wanted:  # never lower a limit someone already raised
-            mx.set_cache_limit(previous)
-        else:
-            _raised_cache_limit = wanted
+    if mx.default_device() != mx.cpu or not CPU_CACHE_FRACTION:  # 0: MLX's own limit, untouched
+        return
+    wanted = cpu_cache_ceiling()
+    previous = mx.set_cache_limit(wanted)
+    if previous > wanted:  # never lower a limit someone already raised
+        mx.set_cache_limit(previous)
+    else:
+        _raised_cache_limit = wanted
 
 
 def fit_cpu_cache(margin: float = 1.25) -> None:

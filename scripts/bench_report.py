@@ -262,8 +262,8 @@ reference, no shared prompt, no compile, MLX's own exp and one CPU stream; `mlx-
 mlx-dpo's CPU kernels off (`compute.fast_cpu_math`: the fast exp, attention's own VJP and blocks,
 LoRA's addmm, the vectorised row maxima and sums), leaving MLX's `exp` and mlx-lm's own layers; `one-stream` runs the
 micro-batch on one CPU stream (`compute.cpu_streams: 1`); `sized-cache` sizes MLX's CPU buffer
-cache to the largest step's working set (`MLX_DPO_CPU_CACHE_FRACTION=0.25`, the default before
-this bench: see mlx_dpo/hardware.py) instead of MLX's 32 MiB default; `glibc-trim` leaves glibc's
+cache to the largest step's working set (`MLX_DPO_CPU_CACHE_FRACTION=0.25`, mlx-dpo's
+earlier default: see mlx_dpo/hardware.py) instead of MLX's 32 MiB default; `glibc-trim` leaves glibc's
 malloc at its defaults, which unmap or trim large freed blocks (`MLX_DPO_MALLOC=system`; by
 default mlx-dpo keeps them in the heap, and the mlx-lm-lora rows get the same setting, as they get
 the same OpenBLAS binding, by importing mlx_dpo); `keep-swiglu` keeps the SwiGLU product from the
