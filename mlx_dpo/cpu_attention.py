@@ -24,6 +24,7 @@ pair, computed as two causal attentions).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +32,7 @@ import mlx.core as mx
 
 from .cpu_kernels import (MASKED, attention_block, exp_nonpositive, fast_exp_nonpositive, recompute_attention, row_max,
                           row_sum)
+from . import native
 from .recompute import after
 
 BLOCKED_FROM = 1024 * 1024  # queries x keys of a layer from which blocks pay (measured, see above)
@@ -180,30 +182,70 @@ def _dense(q_scaled, k, v, keep):
     return _times_values(weights, v) / total, weights, total
 
 
-@_dense.vjp
-def _dense_vjp(primals, cotangents, outputs):
+def _dense_vjp(primals, cotangents, outputs, offset: Optional[int] = None):
     # With P = W / l: dS = P * (dO V^T - rowsum(dO * O)), and rowsum(dO * O) is (t x d) work where
     # autodiff's rowsum(dP * P) is (t x keys). Folding 1/l into dO leaves one fused pass over the
     # scores (masked weights are exactly 0, so no mask is needed either); autodiff takes three to
-    # four, through the divide, the exp and the where.
-    q_scaled, k, v, keep = primals
+    # four, through the divide, the exp and the where. With an offset (the fused version, whose
+    # last primal is the left pads) that pass is native.py's and touches only the visible keys.
+    q_scaled, k, v, mask_input = primals  # the boolean mask, or the fused version's left pads
     d_out, (out, weights, total) = cotangents[0], outputs
     d_out_scaled = d_out / total
     row_dot = (d_out_scaled * out).sum(axis=-1, keepdims=True)
-    return (*_softmax_attention_grads(weights, d_out_scaled, row_dot, q_scaled, k, v), mx.zeros_like(keep))
+    d_weights = _d_weights(d_out_scaled, v)
+    if offset is None:
+        d_scores = weights * (d_weights - row_dot)
+    else:
+        d_scores = native.kernels().causal_softmax_grad(weights, d_weights, row_dot, mask_input, offset)
+    return (*_attention_products(weights, d_scores, d_out_scaled, q_scaled, k), mx.zeros_like(mask_input))
+
+
+_dense.vjp(_dense_vjp)
+
+
+def _dense_causal(q_scaled, k, v, mask: CausalMask, first: int, stop: int) -> mx.array:
+    """`_dense` for queries first..stop-1 under a causal mask: its softmax in native.py's kernel
+    when that is built (no mask array, no select), else `_dense` itself."""
+    if native.kernels() is None:
+        return _dense(q_scaled, k, v, mask.keep(first, stop, k.shape[2]))[0]
+    return _fused_dense(mask.offset + first)(q_scaled, k, v, _left_pads(mask, q_scaled.shape[0]))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_dense(offset: int):
+    @mx.custom_function
+    def dense(q_scaled, k, v, left_pad):
+        weights, _, total = native.kernels().causal_softmax(_raw_scores(q_scaled, k), left_pad, offset)
+        return _times_values(weights, v) / total, weights, total
+
+    dense.vjp(functools.partial(_dense_vjp, offset=offset))
+    return dense
 
 
 def _softmax_attention_grads(probs, d_out, row_dot, q, k, v):
     """Gradients of out = probs @ v with probs = softmax(q k^T) for queries q (b, heads, t, d)
     against keys and values (b, kv_heads, keys, d): dS = P * (dO V^T - rowsum(dO * O)), then the
-    three products. Returns (d_q (b, heads, t, d), d_k, d_v (b, kv_heads, keys, d)). Both
-    attentions' backwards; the dense one passes unnormalised weights with 1/rowsum folded into
-    d_out and row_dot."""
+    three products. Returns (d_q (b, heads, t, d), d_k, d_v (b, kv_heads, keys, d)). The dense
+    attention's backward passes unnormalised weights with 1/rowsum folded into d_out and row_dot."""
+    return _attention_products(probs, probs * (_d_weights(d_out, v) - row_dot), d_out, q, k)
+
+
+def _d_weights(d_out, v):
+    """dO V^T (b, heads, t, keys): the gradient of the attention weights."""
+    b, heads, t, _ = d_out.shape
+    return (_grouped(d_out, v.shape[1]) @ v.swapaxes(-1, -2)).reshape(b, heads, t, v.shape[2])
+
+
+def _attention_products(probs, d_scores, d_out, q, k):
+    """(dQ = dS K, dK = dS^T Q, dV = P^T dO) for probs and d_scores (b, heads, t, keys)."""
     kv_heads = k.shape[1]
-    probs, d_out = _grouped(probs, kv_heads), _grouped(d_out, kv_heads)
-    d_scores = probs * (d_out @ v.swapaxes(-1, -2) - _grouped(row_dot, kv_heads))
+    probs, d_scores, d_out = _grouped(probs, kv_heads), _grouped(d_scores, kv_heads), _grouped(d_out, kv_heads)
     d_q = (d_scores @ k).reshape(q.shape)
     return d_q, d_scores.swapaxes(-1, -2) @ _grouped(q, kv_heads), probs.swapaxes(-1, -2) @ d_out
+
+
+def _left_pads(mask: CausalMask, rows: int) -> mx.array:
+    return mask.left_pad if mask.left_pad is not None else mx.zeros((rows,), dtype=mx.int32)
 
 
 def _stable(scores: mx.array) -> mx.array:
@@ -255,11 +297,10 @@ def kept_blocks_attention(queries, keys, values, scale: float, mask: CausalMask,
     skipped and nothing is recomputed. At 1024 tokens it pays for its extra slices and copies
     (a LoRA step 12.6-13.1 against 13.6-14.0 s, 0.8 GB less); at 256, one block is all there is."""
     t = queries.shape[2]
-    if not block or t <= block:
-        return dense_attention(queries, keys, values, scale, mask.keep(0, t, keys.shape[2]))
     q = queries * scale
-    return mx.concatenate([_dense(q[:, :, first:stop], keys[:, :, :seen], values[:, :, :seen],
-                                  mask.keep(first, stop, seen))[0]
+    if not block or t <= block:
+        return _dense_causal(q, keys, values, mask, 0, t)
+    return mx.concatenate([_dense_causal(q[:, :, first:stop], keys[:, :, :seen], values[:, :, :seen], mask, first, stop)
                            for first, stop, seen in _blocks(mask, t, block, keys.shape[2])], axis=2)
 
 

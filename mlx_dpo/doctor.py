@@ -46,6 +46,7 @@ def system_findings(measure: bool = True) -> list[Finding]:
            Finding("mlx", "default device", f"{mx.default_device()} (Metal "
                    f"{'available' if device.kind == 'metal' else 'not available'})")]
     out.append(Finding("mlx", "memory allocator", prepare_runtime()["malloc"]))
+    out.append(_native_finding())
     out.append(_blas_finding(measure))
     if measure and device.kind == "metal":
         out.append(Finding("blas", "Metal matmul", f"{measure_gflops(mx.gpu):.0f} GFLOP/s (1024^3 float32)"))
@@ -53,6 +54,17 @@ def system_findings(measure: bool = True) -> list[Finding]:
     out += [Finding("env", k, v) for k, v in sorted(relevant_env().items())] or \
         [Finding("env", "(none)", "no relevant variables set")]
     return out
+
+
+def _native_finding() -> Finding:
+    """mlx-dpo's C++ CPU kernels (native.py): built (ok), switched off or not for this OS (info),
+    or failed to build (warn: attention's softmax then runs on MLX ops, slower)."""
+    from . import native
+
+    status = "ok" if native.kernels() is not None else "info"
+    if status == "info" and native.status().startswith("unavailable"):
+        status = "warn"
+    return Finding("mlx", "C++ kernels", native.status(), status)
 
 
 def _chip_line(device: DeviceInfo) -> str:

@@ -23,4 +23,9 @@ if [ "${1:-}" = "--test" ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
+if [ "$(uname -s)" = "Linux" ]; then
+  # mlx-dpo's C++ CPU kernels (mlx_dpo/native.py): built now so that the first run does not wait.
+  .venv/bin/python -m mlx_dpo.native >/dev/null 2>&1 \
+    || echo "setup: mlx-dpo's C++ kernels did not build ($(.venv/bin/python -m mlx_dpo.native 2>&1 | tail -1)); attention's softmax will run on MLX ops" >&2
+fi
 echo "setup: ready ($(.venv/bin/mlx-dpo --version))"

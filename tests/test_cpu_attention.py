@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dpo import cpu_attention, cpu_kernels
+from mlx_dpo import cpu_attention, cpu_kernels, native
 from mlx_dpo.completion import completion_logits, shared_plan
 from mlx_dpo.cpu_attention import CausalMask
 from mlx_dpo.data.batching import collate
@@ -19,6 +19,15 @@ from mlx_dpo.logprobs import sequence_logps
 
 B, HEADS, KV_HEADS, T, OFFSET, D = 3, 6, 2, 21, 9, 16  # grouped-query heads, keys longer than queries
 LEFT_PAD = [0, 4, 11]  # row 2's pads outnumber the offset: some of its queries see only themselves
+
+
+@pytest.fixture(autouse=True, params=["native", "mlx-ops"])
+def softmax_kernels(request, monkeypatch):
+    """Every test runs twice: with native.py's C++ softmax (where it builds) and on MLX ops alone."""
+    if request.param == "mlx-ops":
+        native.kernels()
+        monkeypatch.setitem(native._state, "module", None)
+    return request.param
 
 
 def _qkv(offset: int = OFFSET):

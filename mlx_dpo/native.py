@@ -1,0 +1,164 @@
+"""mlx-dpo's C++ CPU kernels: built on first use against the installed MLX, cached, optional.
+
+MLX offers no way to write a CPU kernel from Python, and its CPU backend runs a softmax as one
+pass over memory per op (select, maximum, exp, sum), so attention's softmax was a quarter of a
+1024-token step. `csrc/attention_softmax.cpp` is an MLX primitive that does a causal row in one
+pass (cpu_attention.py uses it). Like MLX's own CPU `mx.compile`, which runs `g++` on generated
+source, this module compiles it on this machine the first time it is needed (~10 s here; the
+setup script does it ahead), with `-march=native`, against the MLX that is installed, through
+nanobind's sources in MLX's nanobind domain (`mlx`) so that the kernels take and return
+`mx.array`s. The shared library is a per-machine artefact, cached in `native_dir()` (not with the
+run caches of $MLX_DPO_CACHE_DIR), keyed by the source, MLX's and nanobind's versions, the flags
+and Python's ABI; concurrent builds (two ranks) take a file lock.
+
+Everything degrades: no compiler, no nanobind, a failed build or a module whose arrays MLX does
+not recognise (a nanobind ABI change) leaves `kernels()` None and attention on MLX ops, as
+`MLX_DPO_NATIVE=0` does on purpose. `status()` says which, for `mlx-dpo doctor`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_softmax.cpp"
+MODULE = "_native"
+# -ffp-contract=off: no fused multiply-adds, so that the exp's rounding trick stays exact.
+# -fopenmp-simd: the row loops' max and sum reductions vectorise without -ffast-math.
+FLAGS = ["-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd", "-fPIC", "-shared",
+         "-fvisibility=hidden", "-fno-strict-aliasing", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx"]
+
+_state: dict = {}
+
+
+def kernels() -> Optional[ModuleType]:
+    """The compiled module, building it if needed; None when it cannot be had (see `status`)."""
+    if "module" not in _state:
+        _state["module"], _state["status"] = _load()
+    return _state["module"]
+
+
+def status() -> str:
+    kernels()
+    return _state["status"]
+
+
+def _load() -> tuple[Optional[ModuleType], str]:
+    if os.environ.get("MLX_DPO_NATIVE", "1") == "0":
+        return None, "off (MLX_DPO_NATIVE=0): attention's softmax runs on MLX ops"
+    if sys.platform != "linux":
+        return None, "not built (Linux only: on macOS training runs on Metal)"
+    try:
+        path = build()
+        module = _import(path)
+        _check(module)
+    except Exception as exc:  # any failure leaves the MLX-op kernels in place
+        return None, f"unavailable ({exc}); attention's softmax runs on MLX ops"
+    return module, f"fused attention softmax ({path})"
+
+
+def build(quiet: bool = False) -> Path:
+    """Compile the module unless a build for this source and these versions is cached; its path."""
+    import mlx.core as mx
+
+    nanobind_dir = _nanobind_dir()
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    key = hashlib.sha256("\n".join([
+        SOURCE.read_text(), mx.__version__, str(nanobind_dir), _nanobind_version(), suffix, " ".join(FLAGS), compiler,
+    ]).encode()).hexdigest()[:16]
+    out_dir = native_dir() / key
+    target = out_dir / f"{MODULE}{suffix}"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(out_dir / ".lock"):
+        if target.exists():  # another process built it while we waited
+            return target
+        if not quiet:
+            print("mlx-dpo: compiling its C++ CPU kernels for this machine (once, ~30 s)...", file=sys.stderr, flush=True)
+        mlx_dir = Path(mx.__file__).resolve().parent
+        partial = out_dir / f"{MODULE}.partial{suffix}"
+        command = [compiler, *FLAGS,
+                   f"-I{nanobind_dir / 'include'}", f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
+                   f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
+                   str(nanobind_dir / "src" / "nb_combined.cpp"), str(SOURCE), "-o", str(partial),
+                   f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            log = out_dir / "build.log"
+            log.write_text(" ".join(command) + "\n\n" + done.stdout + done.stderr)
+            raise RuntimeError(f"the C++ build failed; its log: {log}")
+        partial.replace(target)  # atomic: other processes see the whole library or none
+    return target
+
+
+def native_dir() -> Path:
+    """$MLX_DPO_NATIVE_DIR, else $XDG_CACHE_HOME/mlx-dpo/native, else ~/.cache/mlx-dpo/native."""
+    root = os.environ.get("MLX_DPO_NATIVE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-dpo" / "native"
+
+
+def _nanobind_dir() -> Path:
+    try:
+        import nanobind
+    except ImportError as exc:
+        raise RuntimeError("nanobind is not installed (pip install nanobind)") from exc
+    return Path(nanobind.__file__).resolve().parent
+
+
+def _nanobind_version() -> str:
+    import nanobind
+
+    return getattr(nanobind, "__version__", "?")
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check(module: ModuleType) -> None:
+    """One tiny call: a nanobind that MLX does not share its types with fails here, not in a step."""
+    import mlx.core as mx
+
+    try:
+        with mx.stream(mx.cpu):
+            weights, _, total = module.causal_softmax(mx.zeros((1, 1, 2, 2)), mx.zeros((1,), dtype=mx.int32), 0)
+            mx.eval(weights, total)
+    except TypeError as exc:
+        raise RuntimeError("its arrays are not MLX's (nanobind version mismatch with MLX's)") from exc
+    if total.tolist() != [[[[1.0], [2.0]]]]:
+        raise RuntimeError(f"self-check failed: row sums {total.tolist()}")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+if __name__ == "__main__":  # python -m mlx_dpo.native: build ahead (the setup script does)
+    print(status())
+    sys.exit(0 if kernels() is not None else 1)
