@@ -75,8 +75,10 @@ def build(quiet: bool = False) -> Path:
     if not compiler:
         raise RuntimeError("no C++ compiler (g++) on PATH")
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    mlx_dir = Path(mx.__file__).resolve().parent  # the library links to this MLX by its path
     key = hashlib.sha256("\n".join([
-        SOURCE.read_text(), mx.__version__, str(nanobind_dir), _nanobind_version(), suffix, " ".join(FLAGS), compiler,
+        SOURCE.read_text(), mx.__version__, str(mlx_dir), str(nanobind_dir), _nanobind_version(), suffix,
+        " ".join(FLAGS), compiler,
     ]).encode()).hexdigest()[:16]
     out_dir = native_dir() / key
     target = out_dir / f"{MODULE}{suffix}"
@@ -87,8 +89,7 @@ def build(quiet: bool = False) -> Path:
         if target.exists():  # another process built it while we waited
             return target
         if not quiet:
-            print("mlx-dpo: compiling its C++ CPU kernels for this machine (once, ~30 s)...", file=sys.stderr, flush=True)
-        mlx_dir = Path(mx.__file__).resolve().parent
+            print("mlx-dpo: compiling its C++ CPU kernels for this machine (once, ~10-30 s)...", file=sys.stderr, flush=True)
         partial = out_dir / f"{MODULE}.partial{suffix}"
         command = [compiler, *FLAGS,
                    f"-I{nanobind_dir / 'include'}", f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
