@@ -1,8 +1,8 @@
 """mlx-dpo's C++ CPU kernels: built on first use against the installed MLX, cached, optional.
 
 MLX offers no way to write a CPU kernel from Python, and its CPU backend runs a softmax as one
-pass over memory per op (select, maximum, exp, sum), so attention's softmax was a quarter of a
-1024-token step. `csrc/attention_softmax.cpp` is an MLX primitive that does a causal row in one
+pass over memory per op (select, maximum, subtraction, exp, sum); done in one pass per row, a
+1024-token LoRA step is 10-18% shorter (docs/benchmarks.md, session 10). `csrc/attention_softmax.cpp` is an MLX primitive that does a causal row in one
 pass (cpu_attention.py uses it). Like MLX's own CPU `mx.compile`, which runs `g++` on generated
 source, this module compiles it on this machine the first time it is needed (~10 s here; the
 setup script does it ahead), with `-march=native`, against the MLX that is installed, through

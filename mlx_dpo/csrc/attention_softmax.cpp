@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <typeinfo>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/vector.h>
@@ -138,9 +139,28 @@ Rows rows_of(const mx::array& scores, const mx::array& left_pad, int offset) {
               left_pad.data<int32_t>()};
 }
 
-class CausalSoftmax : public mx::Primitive {
+// What both primitives share: the causal mask's offset; CPU only; equal (for mx.compile's
+// common-subexpression pass) when of one kind and one offset.
+class CausalRowsPrimitive : public mx::Primitive {
  public:
-  CausalSoftmax(mx::Stream stream, int offset) : mx::Primitive(stream), offset_(offset) {}
+  CausalRowsPrimitive(mx::Stream stream, int offset) : mx::Primitive(stream), offset_(offset) {}
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("mlx-dpo's fused causal softmax runs on the CPU only");
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const CausalRowsPrimitive*>(&other);
+    return o && typeid(*o) == typeid(*this) && o->offset_ == offset_;
+  }
+
+ protected:
+  int offset_;
+};
+
+class CausalSoftmax : public CausalRowsPrimitive {
+ public:
+  using CausalRowsPrimitive::CausalRowsPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const auto& scores = inputs[0];
@@ -160,24 +180,12 @@ class CausalSoftmax : public mx::Primitive {
                       total = outputs[2].data<float>()]() { softmax_rows(rows, s, w, top, total); });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("mlx-dpo's fused causal softmax runs on the CPU only");
-  }
-
   const char* name() const override { return "CausalSoftmax"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const CausalSoftmax*>(&other);
-    return o && o->offset_ == offset_;
-  }
-
- private:
-  int offset_;
 };
 
-class CausalSoftmaxGrad : public mx::Primitive {
+class CausalSoftmaxGrad : public CausalRowsPrimitive {
  public:
-  CausalSoftmaxGrad(mx::Stream stream, int offset) : mx::Primitive(stream), offset_(offset) {}
+  using CausalRowsPrimitive::CausalRowsPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const auto& weights = inputs[0];
@@ -196,19 +204,7 @@ class CausalSoftmaxGrad : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("mlx-dpo's fused causal softmax runs on the CPU only");
-  }
-
   const char* name() const override { return "CausalSoftmaxGrad"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const CausalSoftmaxGrad*>(&other);
-    return o && o->offset_ == offset_;
-  }
-
- private:
-  int offset_;
 };
 
 mx::array float_rows(const mx::array& a, const char* what) {
