@@ -61,9 +61,10 @@ def _native_finding() -> Finding:
     or failed to build (warn: attention's softmax then runs on MLX ops, slower)."""
     from . import native
 
-    status = "ok" if native.kernels() is not None else "info"
-    if status == "info" and native.status().startswith("unavailable"):
-        status = "warn"
+    if native.kernels() is not None:
+        status = "ok"
+    else:
+        status = "warn" if native.status().startswith("unavailable") else "info"
     return Finding("mlx", "C++ kernels", native.status(), status)
 
 

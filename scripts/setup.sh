@@ -25,7 +25,8 @@ else
 fi
 if [ "$(uname -s)" = "Linux" ]; then
   # mlx-dpo's C++ CPU kernels (mlx_dpo/native.py): built now so that the first run does not wait.
-  .venv/bin/python -m mlx_dpo.native >/dev/null 2>&1 \
-    || echo "setup: mlx-dpo's C++ kernels did not build ($(.venv/bin/python -m mlx_dpo.native 2>&1 | tail -1)); attention's softmax will run on MLX ops" >&2
+  # One try: its status line (stdout) says why when it fails.
+  native_status=$(.venv/bin/python -m mlx_dpo.native 2>/dev/null) \
+    || echo "setup: mlx-dpo's C++ kernels: ${native_status}" >&2
 fi
 echo "setup: ready ($(.venv/bin/mlx-dpo --version))"

@@ -155,6 +155,18 @@ class CausalRowsPrimitive : public mx::Primitive {
   }
 
  protected:
+  // This stream's encoder, told of every input and output (after the outputs have their buffers).
+  mx::cpu::CommandEncoder& encoder_for(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& in : inputs) {
+      encoder.set_input_array(in);
+    }
+    for (auto& out : outputs) {
+      encoder.set_output_array(out);
+    }
+    return encoder;
+  }
+
   int offset_;
 };
 
@@ -169,15 +181,11 @@ class CausalSoftmax : public CausalRowsPrimitive {
     reuse_or_allocate(weights, scores);
     outputs[1].set_data(mx::allocator::malloc(outputs[1].nbytes()));
     outputs[2].set_data(mx::allocator::malloc(outputs[2].nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(scores);
-    encoder.set_input_array(left_pad);
-    for (auto& out : outputs) {
-      encoder.set_output_array(out);
-    }
-    encoder.dispatch([rows = rows_of(scores, left_pad, offset_), s = scores.data<float>(),
-                      w = weights.data<float>(), top = outputs[1].data<float>(),
-                      total = outputs[2].data<float>()]() { softmax_rows(rows, s, w, top, total); });
+    encoder_for(inputs, outputs).dispatch([rows = rows_of(scores, left_pad, offset_), s = scores.data<float>(),
+                                           w = weights.data<float>(), top = outputs[1].data<float>(),
+                                           total = outputs[2].data<float>()]() {
+      softmax_rows(rows, s, w, top, total);
+    });
   }
 
   const char* name() const override { return "CausalSoftmax"; }
@@ -193,13 +201,8 @@ class CausalSoftmaxGrad : public CausalRowsPrimitive {
     const auto& row_dot = inputs[2];
     const auto& left_pad = inputs[3];
     reuse_or_allocate(outputs[0], d_weights);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& in : inputs) {
-      encoder.set_input_array(in);
-    }
-    encoder.set_output_array(outputs[0]);
-    encoder.dispatch([rows = rows_of(weights, left_pad, offset_), w = weights.data<float>(),
-                      dw = d_weights.data<float>(), rd = row_dot.data<float>(), ds = outputs[0].data<float>()]() {
+    encoder_for(inputs, outputs).dispatch([rows = rows_of(weights, left_pad, offset_), w = weights.data<float>(),
+                                           dw = d_weights.data<float>(), rd = row_dot.data<float>(), ds = outputs[0].data<float>()]() {
       weights_grad_rows(rows, w, dw, rd, ds);
     });
   }
