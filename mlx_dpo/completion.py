@@ -248,6 +248,10 @@ class _RestartableRope:
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         if not isinstance(offset, _RestartOffset):
             return self.rope(x, offset=offset)
+        restarting = getattr(self.rope, "restarting", None)  # cpu_layers.NativeRoPE: one pass, no slices
+        out = restarting(x, 0, offset.split, offset.restart) if restarting else None
+        if out is not None:
+            return out
         head = self.rope(x[..., :offset.split, :], offset=0)
         tail = self.rope(x[..., offset.split:, :], offset=offset.restart)
         return mx.concatenate([head, tail], axis=-2)

@@ -66,11 +66,10 @@ def _swiglu_lora_down_vjp(primals, cotangent, output):
     # step's activations. SwiGLU's own backward needs gate and up, which are kept anyway.
     gate, up, weight, lora_a, lora_b, scale = primals
     gate, up = after([gate, up], cotangent)
-    silu, d_silu = cpu_kernels.silu_parts(gate)
-    hidden = silu * up
+    hidden = cpu_kernels.swiglu_value(gate, up)
     d_hidden, d_weight, d_lora_a, d_lora_b, d_scale = _lora_linear_grads(hidden, weight, lora_a, lora_b, scale,
                                                                         cotangent)
-    d_gate, d_up = ordered([d_hidden * up * d_silu, d_hidden * silu], [d_lora_a, d_lora_b])
+    d_gate, d_up = ordered(list(cpu_kernels.swiglu_grads(gate, up, d_hidden)), [d_lora_a, d_lora_b])
     return d_gate, d_up, d_weight, d_lora_a, d_lora_b, d_scale
 
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu_lora, recompute
+from . import cpu_layers, cpu_lora, recompute
 from .config import Config
 from .engines.base import scales_zeroed
 from .errors import UserError
@@ -38,12 +38,14 @@ def load_models(cfg: Config, device_kind: str = "cpu") -> Models:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     policy, tokenizer, model_config = _load(cfg.policy_path, cfg.model.trust_remote_code)
+    cpu_layers.use_native_layers(policy)
     notes = [_set_precision(policy, cfg.compute.fp16, device_kind, cfg.model.finetune)]
     separate_ref = cfg.model.finetune == "full" or cfg.reference_path != cfg.policy_path
     reference = None
     if separate_ref:
         reference, ref_tokenizer, _ = _load(cfg.reference_path, cfg.model.trust_remote_code)
         _set_precision(reference, cfg.compute.fp16, device_kind, "frozen")
+        cpu_layers.use_native_layers(reference)
         reference.freeze()
         reference.eval()
     num_layers = len(policy.layers) if cfg.model.lora_layers < 0 else cfg.model.lora_layers

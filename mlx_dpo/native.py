@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Optional
 
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_softmax.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
 MODULE = "_native"
 # -ffp-contract=off: no fused multiply-adds, so that the exp's rounding trick stays exact.
 # -fopenmp-simd: the row loops' max and sum reductions vectorise without -ffast-math.
@@ -77,7 +77,7 @@ def build(quiet: bool = False) -> Path:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     mlx_dir = Path(mx.__file__).resolve().parent  # the library links to this MLX by its path
     key = hashlib.sha256("\n".join([
-        SOURCE.read_text(), mx.__version__, str(mlx_dir), str(nanobind_dir), _nanobind_version(), suffix,
+        *(path.read_text() for path in _sources(headers=True)), mx.__version__, str(mlx_dir), str(nanobind_dir), _nanobind_version(), suffix,
         " ".join(FLAGS), compiler,
     ]).encode()).hexdigest()[:16]
     out_dir = native_dir() / key
@@ -94,7 +94,7 @@ def build(quiet: bool = False) -> Path:
         command = [compiler, *FLAGS,
                    f"-I{nanobind_dir / 'include'}", f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
                    f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
-                   str(nanobind_dir / "src" / "nb_combined.cpp"), str(SOURCE), "-o", str(partial),
+                   str(nanobind_dir / "src" / "nb_combined.cpp"), *map(str, _sources()), "-o", str(partial),
                    f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -103,6 +103,11 @@ def build(quiet: bool = False) -> Path:
             raise RuntimeError(f"the C++ build failed; its log: {log}")
         partial.replace(target)  # atomic: other processes see the whole library or none
     return target
+
+
+def _sources(headers: bool = False) -> list[Path]:
+    """The C++ files built into the module (and, for the cache key, the headers they include)."""
+    return sorted(CSRC.glob("*.cpp")) + (sorted(CSRC.glob("*.h")) if headers else [])
 
 
 def native_dir() -> Path:

@@ -1,0 +1,8 @@
+// The Python module of mlx-dpo's CPU kernels (mlx_dpo/native.py builds it on first use).
+#include "common.h"
+
+NB_MODULE(_native, m) {
+  m.doc() = "mlx-dpo's fused CPU kernels (built on first use by mlx_dpo.native)";
+  mlx_dpo::add_attention_kernels(m);
+  mlx_dpo::add_layer_kernels(m);
+}
