@@ -1,5 +1,6 @@
 """mlx-dpo's C++ kernels (mlx_dpo/native.py, mlx_dpo/csrc/): they build on a Linux machine with a
-compiler, compute the masked softmax that MLX ops compute, and a machine without them falls back
+compiler, compute what MLX ops compute (the masked softmax, RMSNorm, SwiGLU, RoPE, and their
+gradients), and a machine without them falls back
 with a reason instead of failing."""
 from __future__ import annotations
 
@@ -75,6 +76,86 @@ def test_kernels_donate_buffers_only_when_free_and_never_change_their_inputs():
     weights, _, _ = _kernels().causal_softmax(scores, mx.zeros((B,), dtype=mx.int32), OFFSET)
     mx.eval(weights)
     np.testing.assert_array_equal(np.array(scores), kept)  # still referenced here: not overwritten
+
+
+def _grads(fn, primals, cotangents):
+    return mx.vjp(fn, primals, cotangents)
+
+
+@needs_build
+def test_rms_norm_and_its_gradient_equal_mlx_fast_rms_norm():
+    x = mx.random.normal((2, 37, 96), key=mx.random.key(4)) * 3.0
+    weight = mx.random.normal((96,), key=mx.random.key(5))
+    d_y = mx.random.normal(x.shape, key=mx.random.key(6))
+    (y_ref,), (dx_ref, dw_ref) = _grads(lambda x, w: mx.fast.rms_norm(x, w, 1e-5), [x, weight], [d_y])
+    y, inv = _kernels().rms_norm(x, weight, 1e-5)
+    assert inv.shape == (2, 37, 1)
+    np.testing.assert_allclose(np.array(y), np.array(y_ref), rtol=1e-5, atol=1e-6)
+    dx, dw = _kernels().rms_norm_grad(x, weight, inv, d_y)
+    np.testing.assert_allclose(np.array(dx), np.array(dx_ref), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(dw), np.array(dw_ref), rtol=1e-5, atol=1e-5)
+
+
+@needs_build
+def test_swiglu_and_its_gradient_equal_the_formula():
+    gate = mx.random.normal((5, 70, 48), key=mx.random.key(7)) * 6.0  # both signs, saturated sigmoids
+    up = mx.random.normal(gate.shape, key=mx.random.key(8))
+    d_out = mx.random.normal(gate.shape, key=mx.random.key(9))
+    (ref,), (dg_ref, du_ref) = _grads(lambda g, u: g * mx.sigmoid(g) * u, [gate, up], [d_out])
+    np.testing.assert_allclose(np.array(_kernels().swiglu(gate, up)), np.array(ref), rtol=2e-6, atol=1e-6)
+    d_gate, d_up = _kernels().swiglu_grad(gate, up, d_out)
+    np.testing.assert_allclose(np.array(d_gate), np.array(dg_ref), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(d_up), np.array(du_ref), rtol=2e-6, atol=1e-6)
+
+
+def _rope_ref(x, offset):
+    return mx.fast.rope(x, x.shape[-1], traditional=False, base=10000.0, scale=0.5, offset=offset)
+
+
+@needs_build
+@pytest.mark.parametrize("offset", [0, 17])
+def test_rope_equals_mlx_fast_rope_and_its_backward_writes_the_projection_layout(offset):
+    # (batch, heads, positions, size) as a transposed view of (batch, positions, heads, size), as
+    # the model makes it
+    x = mx.random.normal((2, 30, 3, 16), key=mx.random.key(10)).transpose(0, 2, 1, 3)
+    cotangent = mx.random.normal(x.shape, key=mx.random.key(11))
+    (ref,), (grad_ref,) = _grads(lambda x: _rope_ref(x, offset), [x], [cotangent])
+    out = _kernels().rope(x, 10000.0, 0.5, offset, 2**30, 0, False, False)
+    np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=2e-5)
+    grad = _kernels().rope(cotangent, 10000.0, 0.5, offset, 2**30, 0, True, True)
+    assert grad.shape == (2, 30, 3, 16)  # seq_major: (batch, positions, heads, size)
+    np.testing.assert_allclose(np.array(grad.transpose(0, 2, 1, 3)), np.array(grad_ref), rtol=1e-5, atol=2e-5)
+
+
+@needs_build
+def test_rope_restarts_positions_at_the_split():
+    x = mx.random.normal((1, 2, 40, 8), key=mx.random.key(12))
+    expected = mx.concatenate([_rope_ref(x[:, :, :25], 0), _rope_ref(x[:, :, 25:], 9)], axis=2)
+    out = _kernels().rope(x, 10000.0, 0.5, 0, 25, 9, False, False)
+    np.testing.assert_allclose(np.array(out), np.array(expected), rtol=1e-5, atol=2e-5)
+
+
+@needs_build
+def test_layer_kernels_leave_referenced_inputs_unchanged():
+    x = mx.random.normal((4, 64), key=mx.random.key(13))
+    up = mx.random.normal((4, 64), key=mx.random.key(14))
+    d = mx.random.normal((4, 64), key=mx.random.key(15))
+    kept = [np.array(a) for a in (x, up, d)]
+    k = _kernels()
+    mx.eval(k.rms_norm(x, mx.ones((64,)), 1e-5), k.swiglu(x, up), k.swiglu_grad(x, up, d))
+    for array, before in zip((x, up, d), kept):
+        np.testing.assert_array_equal(np.array(array), before)
+
+
+@needs_build
+def test_layer_kernels_reject_bad_shapes_and_dtypes():
+    k = _kernels()
+    with pytest.raises(ValueError, match="weight must be"):
+        k.rms_norm(mx.zeros((2, 8)), mx.ones((4,)), 1e-5)
+    with pytest.raises(ValueError, match="one shape"):
+        k.swiglu(mx.zeros((2, 8)), mx.zeros((2, 4)))
+    with pytest.raises(ValueError, match="float32"):
+        k.rope(mx.zeros((1, 1, 2, 4), dtype=mx.float16), 10000.0, 1.0, 0, 2**30, 0, False, False)
 
 
 @needs_build
