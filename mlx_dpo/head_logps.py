@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import cpu_kernels
+from . import cpu_kernels, native
 
 CHUNK_BYTES = 4 * 2**20  # float32 logits per chunk (measured, see docs/benchmarks.md)
 MIN_CHUNK = 1024  # rows of W: below this the chunk's matmuls get narrow
@@ -50,6 +50,18 @@ def _exp(x: mx.array) -> mx.array:
     return cpu_kernels.fast_exp_nonpositive(x) if cpu_kernels.active() else mx.exp(x)
 
 
+def _softmax_parts(logits: mx.array):
+    """(exp(logits - row max), row max, row sum): one C++ pass per row where native.py's kernels
+    are built (inside mlx-dpo's CPU passes), else MLX ops on the fast exp."""
+    kernels = native.kernels() if cpu_kernels.active() else None
+    if kernels is not None:
+        shifted_exp, top, total = kernels.row_softmax(logits)
+        return shifted_exp, mx.stop_gradient(top), total
+    top = mx.stop_gradient(cpu_kernels.row_max(logits))
+    shifted_exp = _exp(logits - top)
+    return shifted_exp, top, cpu_kernels.row_sum(shifted_exp)
+
+
 @mx.custom_function
 def _head_logps(hidden: mx.array, weight: mx.array, targets: mx.array):
     """(log p(target) (R,), log-partition (R,), chunk maxima (R, chunks), then each chunk's
@@ -60,11 +72,10 @@ def _head_logps(hidden: mx.array, weight: mx.array, targets: mx.array):
         if kept:  # this chunk's logits are made once the last chunk's logits are used up
             hidden = mx.depends(hidden, [kept[-1], totals[-1], picked])
         logits = (hidden @ weight[first:stop].T).astype(mx.float32)
-        top = mx.stop_gradient(cpu_kernels.row_max(logits))
-        shifted_exp = _exp(logits - top)
+        shifted_exp, top, total = _softmax_parts(logits)
         picked = picked + _target_logits(logits, targets, first, stop)
         tops.append(top)
-        totals.append(cpu_kernels.row_sum(shifted_exp))
+        totals.append(total)
         kept.append(shifted_exp)
     tops, totals = mx.concatenate(tops, axis=-1), mx.concatenate(totals, axis=-1)
     top = tops.max(axis=-1, keepdims=True)

@@ -7,7 +7,7 @@ Builds the step as scripts/bench.py's mlx-dpo rows do (cached reference, every t
 runs two warm-up steps (tracing), then samples every thread with `perf record` for --seconds
 while steps run, and prints each category's share of the samples: OpenBLAS's GEMM kernel, the
 rest of OpenBLAS (packing, small-matrix paths), memset, MLX's compiled (fused) elementwise
-kernels, its other ops, allocation, the OS. Needs Linux `perf`; run scripts/bench.py once first
+kernels, its other ops, mlx-dpo's C++ kernels (native.py), allocation, the OS. Needs Linux `perf`; run scripts/bench.py once first
 (it converts the model and writes the pairs).
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ CATEGORIES = [  # (name, test on (shared object, symbol)), first match wins
     ("memset", lambda dso, sym: "memset" in sym),
     # mx.compile's kernels: a shared object per kernel, named after it (lib<kernel name>.so)
     ("MLX compiled (fused) elementwise kernels", lambda dso, sym: dso.startswith("lib") and sym[:12] in dso),
+    ("mlx-dpo's C++ kernels", lambda dso, sym: dso.startswith("_native")),  # before "Python": _native.cpython-*.so
     ("MLX elementwise ops", lambda dso, sym: "libmlx" in dso and ("binary_op" in sym or "unary_op" in sym
                                                                  or "ternary_op" in sym)),
     ("MLX reductions", lambda dso, sym: "libmlx" in dso and "reduction" in sym),

@@ -136,6 +136,17 @@ def test_rope_restarts_positions_at_the_split():
 
 
 @needs_build
+def test_row_softmax_is_the_shifted_exp_its_maximum_and_sum_over_whole_rows():
+    x = mx.random.normal((7, 3000), key=mx.random.key(16)) * 8.0
+    shifted_exp, top, total = _kernels().row_softmax(x)
+    xs = np.array(x, dtype=np.float64)
+    top_ref = xs.max(axis=-1, keepdims=True)
+    np.testing.assert_array_equal(np.array(top), top_ref)
+    np.testing.assert_allclose(np.array(shifted_exp), np.exp(xs - top_ref), rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(np.array(total), np.exp(xs - top_ref).sum(axis=-1, keepdims=True), rtol=1e-5)
+
+
+@needs_build
 def test_layer_kernels_leave_referenced_inputs_unchanged():
     x = mx.random.normal((4, 64), key=mx.random.key(13))
     up = mx.random.normal((4, 64), key=mx.random.key(14))

@@ -182,6 +182,16 @@ mx::array causal_softmax_grad(const mx::array& weights, const mx::array& d_weigh
                    {w, float_rows(d_weights, "d_weights"), rd, pads_of(left_pad, w.shape(0))});
 }
 
+// The same row pass over whole rows (x (rows, width), no mask): the LM head's log-softmax chunks.
+std::vector<mx::array> row_softmax(const mx::array& x) {
+  if (x.ndim() != 2) {
+    throw std::invalid_argument("x must be (rows, width)");
+  }
+  int rows = x.shape(0), width = x.shape(1);
+  auto outs = causal_softmax(mx::reshape(x, {1, 1, rows, width}), mx::zeros({1}, mx::int32), width);
+  return {mx::reshape(outs[0], {rows, width}), mx::reshape(outs[1], {rows, 1}), mx::reshape(outs[2], {rows, 1})};
+}
+
 }  // namespace
 
 void add_attention_kernels(nb::module_& m) {
@@ -192,6 +202,8 @@ void add_attention_kernels(nb::module_& m) {
         nb::arg("left_pad"), nb::arg("offset"),
         "weights * (d_weights - row_dot) over the visible keys, 0 elsewhere: the scores' gradient when the "
         "forward kept its weights.");
+  m.def("row_softmax", &row_softmax, nb::arg("x"),
+        "(exp(x - row max), row max, row sum) of x (rows, width), in one pass per row.");
 }
 
 }  // namespace mlx_dpo
