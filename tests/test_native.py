@@ -147,6 +147,40 @@ def test_row_softmax_is_the_shifted_exp_its_maximum_and_sum_over_whole_rows():
 
 
 @needs_build
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_adamw_is_mlx_adamw_bit_for_bit_and_keeps_everything_when_not_ok(bias_correction):
+    import mlx.optimizers as optim
+
+    from mlx_dpo.engines.mlx_fast import _adamw_scalars
+
+    opt = optim.AdamW(learning_rate=3e-4, betas=[0.9, 0.99], eps=1e-8, weight_decay=0.05,
+                      bias_correction=bias_correction)
+    weight = mx.random.normal((5, 301), key=mx.random.key(17))
+    opt.init({"w": weight})
+    opt.state["step"] = opt.state["step"] + 3
+    g, m, v = (mx.random.normal(weight.shape, key=mx.random.key(18 + i)) for i in range(3))
+    m, v = m * 0.1, v.abs() * 0.01
+    state = {"m": m, "v": v}
+    expected = opt.apply_single(g * mx.array(0.7), weight, state)
+    lr, corrections = _adamw_scalars(opt)
+    args = (g, weight, m, v, lr, *corrections, mx.array(0.7))
+    consts = (0.9, 1 - 0.9, 0.99, 1 - 0.99, 1e-8, 0.05)
+    out = _kernels().adamw(*args, mx.array(True), *consts)
+    for ours, theirs in zip(out, (expected, state["m"], state["v"])):
+        np.testing.assert_array_equal(np.array(ours), np.array(theirs))
+    kept = _kernels().adamw(*args, mx.array(False), *consts)
+    for ours, before in zip(kept, (weight, m, v)):
+        np.testing.assert_array_equal(np.array(ours), np.array(before))
+
+
+@needs_build
+def test_sum_of_squares_is_the_float64_sum():
+    x = mx.random.normal((1000, 777), key=mx.random.key(21)) * 3.0
+    expected = (np.array(x, dtype=np.float64) ** 2).sum()
+    np.testing.assert_allclose(_kernels().sum_of_squares(x).item(), expected, rtol=1e-7)
+
+
+@needs_build
 def test_layer_kernels_leave_referenced_inputs_unchanged():
     x = mx.random.normal((4, 64), key=mx.random.key(13))
     up = mx.random.normal((4, 64), key=mx.random.key(14))
@@ -195,3 +229,39 @@ def test_switched_off_or_failing_builds_fall_back_with_a_reason(monkeypatch, tmp
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+@needs_build
+def test_guarded_update_takes_the_same_steps_through_the_fused_adamw(monkeypatch):
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from mlx_dpo.engines import mlx_fast
+
+    def train(fused: bool):
+        if not fused:
+            monkeypatch.setattr(mlx_fast, "_fused_adamw", lambda optimizer: None)
+        assert (mlx_fast._fused_adamw(optim.AdamW(1e-3)) is not None) == fused
+        mx.random.seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8))
+        opt = optim.AdamW(learning_rate=1e-3, weight_decay=0.01, bias_correction=True)
+        opt.init(model.trainable_parameters())
+        norms = []
+        for i in range(3):
+            x = mx.random.normal((4, 16), key=mx.random.key(i))
+            _, grads = nn.value_and_grad(model, lambda x: model(x).square().sum())(x)
+            if i == 2:  # a non-finite gradient: refused, nothing moves
+                grads = {**grads, "layers": [{**grads["layers"][0], "bias": grads["layers"][0]["bias"] * mx.inf},
+                                             grads["layers"][1]]}
+            norm, ok = mlx_fast.guarded_update(opt, model, grads, max_norm=1.0)  # clipping: norms are > 1
+            mx.eval(model.parameters(), opt.state)
+            norms.append((norm.item(), ok.item()))
+        return dict(tree_flatten(model.parameters())), norms, opt.state["step"].item()
+
+    fused, fused_norms, fused_step = train(True)
+    plain, plain_norms, plain_step = train(False)
+    assert [ok for _, ok in fused_norms] == [True, True, False] and fused_step == plain_step == 2
+    np.testing.assert_allclose([n for n, _ in fused_norms[:2]], [n for n, _ in plain_norms[:2]], rtol=1e-6)
+    for name, weight in fused.items():
+        np.testing.assert_allclose(np.array(weight), np.array(plain[name]), rtol=1e-6, atol=1e-7, err_msg=name)

@@ -10,11 +10,13 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..completion import (Plan, can_share_prompt, completion_hidden, completion_logits, completion_logps,
                           has_plain_top, head_weight, make_plan)
+from .. import native
 from ..data.batching import Batch
 from ..head_logps import head_eval
 from ..logprobs import position_kl, token_logps
@@ -126,18 +128,27 @@ def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = (
     elementwise passes over a full fine-tune's weights run on every core.
     """
     place = _placement(grads, lanes)
+    kernels = _fused_adamw(optimizer)
     squares = []
     for path, g in tree_flatten(grads):
         with on_stream(place[path]):
-            squares.append(g.square().sum())
+            squares.append(kernels.sum_of_squares(g) if kernels and g.dtype == mx.float32 else g.square().sum())
     norm = mx.sqrt(sum(squares))
     normalizer = mx.minimum(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else None
     ok = mx.isfinite(norm)
     old_step = optimizer.state["step"]
     optimizer.state["step"] = old_step + 1
+    if kernels:
+        lr, corrections = _adamw_scalars(optimizer)
 
     def step_one(path, g, p, state):
         with on_stream(place[path]):
+            if kernels and g.dtype == p.dtype == mx.float32:  # the same arithmetic in one pass
+                b1, b2 = optimizer.betas
+                new_p, state["m"], state["v"] = kernels.adamw(
+                    g, p, state["m"], state["v"], lr, *corrections, mx.array(1.0) if normalizer is None else normalizer,
+                    ok, b1, 1 - b1, b2, 1 - b2, optimizer.eps, optimizer.weight_decay)
+                return new_p
             old_m, old_v = state["m"], state["v"]
             if normalizer is not None:
                 g = (g * normalizer).astype(g.dtype)
@@ -148,6 +159,24 @@ def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = (
     model.update(tree_map_with_path(step_one, grads, model.trainable_parameters(), optimizer.state))
     optimizer.state["step"] = mx.where(ok, optimizer.state["step"], old_step)
     return norm, ok
+
+
+def _fused_adamw(optimizer):
+    """native.py's kernels where they can take AdamW's step: MLX's AdamW on the CPU. Its arithmetic is MLX's, bit for bit (tests/test_native.py), in one pass over each
+    weight instead of MLX's compiled ~10 ns per parameter (docs/benchmarks.md)."""
+    if type(optimizer) is not optim.AdamW or mx.default_device() != mx.cpu:
+        return None
+    return native.kernels()
+
+
+def _adamw_scalars(optimizer) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+    """(lr, (c1, c2)) for the fused AdamW, by the ops MLX's `Adam.apply_single` uses (float32 weights)."""
+    lr = optimizer.learning_rate.astype(mx.float32)
+    if not optimizer.bias_correction:
+        return lr, (lr, mx.array(1.0))
+    b1, b2 = optimizer.betas
+    step = optimizer.step
+    return lr, ((lr / (1 - b1**step)).astype(mx.float32), mx.rsqrt(1 - b2**step).astype(mx.float32))
 
 
 def _placement(grads, lanes: Sequence) -> dict:
