@@ -43,6 +43,8 @@ from . import native
 from .recompute import after
 
 BLOCKED_FROM = 1024 * 1024  # queries x keys of a layer from which blocks pay (measured, see above)
+NATIVE_HEAD_SIZES = (32, 64, 128)  # what native.py's causal attention is built for
+NO_SPLIT = 2**30  # native.py's causal attention without a shared prompt's second part
 ROW_ALIGN = 16  # causal attention's key axis is padded to a multiple of this (see _aligned)
 
 
@@ -211,11 +213,37 @@ _dense.vjp(_dense_vjp)
 
 
 def _dense_causal(q_scaled, k, v, mask: CausalMask, first: int, stop: int) -> mx.array:
-    """`_dense` for queries first..stop-1 under a causal mask: its softmax in native.py's kernel
-    when that is built (no mask array, no select), else `_dense` itself."""
-    if native.kernels() is None:
+    """`_dense` for queries first..stop-1 under a causal mask: all of it in native.py's C++
+    attention when that is built and takes the head size, else its softmax there (no mask array,
+    no select), else `_dense` itself."""
+    kernels = native.kernels()
+    if kernels is None:
         return _dense(q_scaled, k, v, mask.keep(first, stop, k.shape[2]))[0]
-    return _fused_dense(mask.offset + first)(q_scaled, k, v, _left_pads(mask, q_scaled.shape[0]))[0]
+    pads = _left_pads(mask, q_scaled.shape[0])
+    if q_scaled.shape[-1] in NATIVE_HEAD_SIZES:
+        return _native_attention(mask.offset + first)(q_scaled, k, v, pads)[0]
+    return _fused_dense(mask.offset + first)(q_scaled, k, v, pads)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _native_attention(offset: int, prompt: int = NO_SPLIT, split: int = NO_SPLIT):
+    """Attention under native.py's causal (or, with `split`, shared-prompt) mask, forward and
+    backward in C++; nothing but the output and two numbers per row kept for the backward."""
+    def kernel_mask():
+        return offset, prompt, split
+
+    @mx.custom_function
+    def attend(q_scaled, k, v, left_pad):
+        return native.kernels().causal_attention(q_scaled, k, v, left_pad, *kernel_mask())  # (out, row max, sum)
+
+    @attend.vjp
+    def attend_vjp(primals, cotangents, outputs):
+        q_scaled, k, v, left_pad = primals
+        grads = native.kernels().causal_attention_grad(q_scaled, k, v, *outputs, cotangents[0], left_pad,
+                                                       *kernel_mask())
+        return (*grads, mx.zeros_like(left_pad))
+
+    return attend
 
 
 @functools.lru_cache(maxsize=None)
@@ -316,6 +344,8 @@ def _shared_prompt_attention(queries, keys, values, cache, scale: float, mask: S
     to the prompt's keys and their own, causally after the prompt: each part as `attention` does
     it (dense or blocked), so no score between rejected and chosen tokens is ever computed."""
     s, p = mask.split, mask.prompt
+    if native.kernels() is not None and queries.shape[-1] in NATIVE_HEAD_SIZES and queries.dtype == mx.float32:
+        return _native_attention(0, p, s)(queries * scale, keys, values, mask.left_pad)[0]
     first = attention(queries[:, :, :s], keys[:, :, :s], values[:, :, :s], cache, scale,
                       CausalMask(0, mask.left_pad))
     rejected_keys = mx.concatenate([keys[:, :, :p], keys[:, :, s:]], axis=2)

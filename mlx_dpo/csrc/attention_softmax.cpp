@@ -11,30 +11,11 @@
 
 #include <nanobind/stl/vector.h>
 
-#include "common.h"
+#include "causal_rows.h"
 
 namespace mlx_dpo {
 
 namespace {
-
-struct Rows {
-  int batch, heads, queries, keys, offset;
-  const int32_t* left_pad;
-
-  // The keys [lo, hi] that query i of batch row b sees: from its row's first real token to itself;
-  // a query inside the left padding sees only itself, so that no row is empty.
-  void range(int b, int i, int& lo, int& hi) const {
-    int query = std::min(i + offset, keys - 1);
-    int pad = left_pad[b];
-    lo = pad <= query ? pad : query;
-    hi = query;
-  }
-};
-
-void zero_outside(float* row, int lo, int hi, int keys) {
-  std::memset(row, 0, sizeof(float) * lo);
-  std::memset(row + hi + 1, 0, sizeof(float) * (keys - hi - 1));
-}
 
 void softmax_rows(const Rows& r, const float* scores, float* weights, float* top, float* total) {
   for (int b = 0; b < r.batch; ++b) {
@@ -45,21 +26,7 @@ void softmax_rows(const Rows& r, const float* scores, float* weights, float* top
         float* w = weights + row * r.keys;
         int lo, hi;
         r.range(b, i, lo, hi);
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int j = lo; j <= hi; ++j) {
-          m = s[j] > m ? s[j] : m;
-        }
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int j = lo; j <= hi; ++j) {
-          float e = exp_nonpositive(s[j] - m);
-          w[j] = e;
-          sum += e;
-        }
-        zero_outside(w, lo, hi, r.keys);
-        top[row] = m;
-        total[row] = sum;
+        softmax_row(s, w, lo, hi, r.keys, top[row], total[row]);
       }
     }
   }

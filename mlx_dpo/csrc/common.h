@@ -101,5 +101,6 @@ inline mx::Stream cpu_stream() { return mx::default_stream(mx::default_device())
 void add_attention_kernels(nb::module_& m);
 void add_layer_kernels(nb::module_& m);
 void add_optimizer_kernels(nb::module_& m);
+void add_causal_attention(nb::module_& m);
 
 }  // namespace mlx_dpo

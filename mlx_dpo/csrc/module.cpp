@@ -4,6 +4,7 @@
 NB_MODULE(_native, m) {
   m.doc() = "mlx-dpo's fused CPU kernels (built on first use by mlx_dpo.native)";
   mlx_dpo::add_attention_kernels(m);
+  mlx_dpo::add_causal_attention(m);
   mlx_dpo::add_layer_kernels(m);
   mlx_dpo::add_optimizer_kernels(m);
 }

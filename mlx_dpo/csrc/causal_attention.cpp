@@ -1,0 +1,626 @@
+// Causal attention, forward and backward, as two MLX primitives for the CPU (mlx_dpo/native.py
+// builds this file; mlx_dpo/cpu_attention.py calls it).
+//
+// On MLX's CPU backend attention's products go to OpenBLAS one (query group x keys) block at a
+// time: matrices with an inner size of 64 (the head size), for which packing costs as much as the
+// arithmetic, over the whole square although the causal mask hides half of it. Around them sit
+// the reshapes, the softmax and the divisions, each a pass over memory. Here each query row block
+// is multiplied only against the keys its rows can see, in register tiles written for a small
+// head size (the compiler vectorises them for this machine), and the softmax, the normalisation
+// and the backward's `W * (dW - rowdot)` happen on the tiles' rows while they are in cache.
+//
+// Layouts: queries (batch, heads, T, D), already scaled; keys and values (batch, kv heads, S, D),
+// heads grouped over kv heads as mlx-lm does (head h uses kv head h / (heads / kv heads)).
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <nanobind/stl/tuple.h>
+
+#include "causal_rows.h"
+
+namespace mlx_dpo {
+
+namespace {
+
+constexpr int kTileRows = 8;   // query rows per score tile
+constexpr int kTileCols = 32;  // key columns per score tile: 8 x 32 accumulators fill 16 AVX-512 registers
+// Query rows per block: the softmax, the products and the key gradients' accumulation go a block
+// at a time, so each key gradient row is loaded and stored once per this many query rows.
+constexpr int kBlockRows = 16;
+
+// out[r][c] = sum_k a[r][k] * bt[k][c] for R rows and kTileCols columns (bt padded that far); the
+// first `width` columns written.
+template <int R>
+inline void score_tile(const float* a, int64_t lda, const float* bt, int64_t ldb, int depth, float* out,
+                       int64_t ldo, int width) {
+  float acc[R][kTileCols] = {};
+  for (int k = 0; k < depth; ++k) {
+    const float* b = bt + k * ldb;
+    for (int r = 0; r < R; ++r) {
+      float x = a[r * lda + k];
+#pragma omp simd
+      for (int c = 0; c < kTileCols; ++c) {
+        acc[r][c] = __builtin_fmaf(x, b[c], acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(out + r * ldo, acc[r], sizeof(float) * width);
+  }
+}
+
+#if defined(__AVX512F__)
+// The same tiles in AVX-512 registers (GCC keeps the portable versions' accumulators on the stack).
+template <int R>
+inline void score_tile_avx512(const float* a, int64_t lda, const float* bt, int64_t ldb, int depth, float* out,
+                              int64_t ldo, int width) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = _mm512_setzero_ps();
+    acc[r][1] = _mm512_setzero_ps();
+  }
+  for (int k = 0; k < depth; ++k) {
+    const float* b = bt + k * ldb;
+    __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    for (int r = 0; r < R; ++r) {
+      __m512 x = _mm512_set1_ps(a[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (width == kTileCols) {
+      _mm512_storeu_ps(out + r * ldo, acc[r][0]);
+      _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);
+    } else {
+      alignas(64) float row[kTileCols];
+      _mm512_store_ps(row, acc[r][0]);
+      _mm512_store_ps(row + 16, acc[r][1]);
+      std::memcpy(out + r * ldo, row, sizeof(float) * width);
+    }
+  }
+}
+
+// out rows (R of D) = scale * sum_j p[r][j] b[j][:] (product) or += sum_i p[i][j0 + r] a[i][:] (transposed).
+template <int R, int D, bool Transposed>
+inline void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_t ldb, int from, int to, int j0,
+                             float* out, int64_t ldo, const float* scale) {
+  constexpr int V = D / 16;
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < V; ++u) {
+      acc[r][u] = Transposed ? _mm512_loadu_ps(out + r * ldo + u * 16) : _mm512_setzero_ps();
+    }
+  }
+  for (int j = from; j < to; ++j) {
+    const float* bj = b + j * ldb;
+    __m512 bv[V];
+    for (int u = 0; u < V; ++u) {
+      bv[u] = _mm512_loadu_ps(bj + u * 16);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512 x = _mm512_set1_ps(Transposed ? p[j * ldp + j0 + r] : p[r * ldp + j]);
+      for (int u = 0; u < V; ++u) {
+        acc[r][u] = _mm512_fmadd_ps(x, bv[u], acc[r][u]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 s = _mm512_set1_ps(scale ? scale[r] : 1.0f);
+    for (int u = 0; u < V; ++u) {
+      _mm512_storeu_ps(out + r * ldo + u * 16, Transposed ? acc[r][u] : _mm512_mul_ps(acc[r][u], s));
+    }
+  }
+}
+#endif
+
+// Scores of `rows` rows of a (lda) against key columns [c0, c1) of bt (depth x ldb, ldb a multiple
+// of kTileCols past c1), into out's rows (ldo) at the same columns.
+void score_rows(const float* a, int64_t lda, int rows, const float* bt, int64_t ldb, int depth, int c0, int c1,
+                float* out, int64_t ldo) {
+  for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+    int n = std::min(kTileRows, rows - r0);
+    for (int c = c0; c < c1; c += kTileCols) {
+      int width = std::min(kTileCols, c1 - c);
+      if (n == kTileRows) {
+#if defined(__AVX512F__)
+        score_tile_avx512<kTileRows>(a + r0 * lda, lda, bt + c, ldb, depth, out + r0 * ldo + c, ldo, width);
+#else
+        score_tile<kTileRows>(a + r0 * lda, lda, bt + c, ldb, depth, out + r0 * ldo + c, ldo, width);
+#endif
+      } else {
+        for (int r = r0; r < r0 + n; ++r) {
+          score_tile<1>(a + r * lda, lda, bt + c, ldb, depth, out + r * ldo + c, ldo, width);
+        }
+      }
+    }
+  }
+}
+
+// out[r][:] = scale[r] * sum_{j in [j0, j1)} p[r][j] * b[j][:] for R rows of size D (scale may be null).
+template <int R, int D>
+inline void product_tile(const float* p, int64_t ldp, const float* b, int64_t ldb, int j0, int j1, float* out,
+                         int64_t ldo, const float* scale) {
+#if defined(__AVX512F__)
+  if constexpr (D % 16 == 0) {
+    rows_tile_avx512<R, D, false>(p, ldp, b, ldb, j0, j1, 0, out, ldo, scale);
+    return;
+  }
+#endif
+  float acc[R][D] = {};
+  for (int j = j0; j < j1; ++j) {
+    const float* bj = b + j * ldb;
+    for (int r = 0; r < R; ++r) {
+      float x = p[r * ldp + j];
+#pragma omp simd
+      for (int k = 0; k < D; ++k) {
+        acc[r][k] = __builtin_fmaf(x, bj[k], acc[r][k]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = scale ? scale[r] : 1.0f;
+#pragma omp simd
+    for (int k = 0; k < D; ++k) {
+      out[r * ldo + k] = acc[r][k] * s;
+    }
+  }
+}
+
+// out[j][:] += sum_{i in [i0, i1)} p[i][j] * a[i][:] for R key rows j0.. of size D.
+template <int R, int D>
+inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t lda, int i0, int i1, int j0,
+                            float* out) {
+#if defined(__AVX512F__)
+  if constexpr (D % 16 == 0) {
+    rows_tile_avx512<R, D, true>(p, ldp, a, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D, D, nullptr);
+    return;
+  }
+#endif
+  float acc[R][D];
+  std::memcpy(acc, out + static_cast<int64_t>(j0) * D, sizeof(acc));
+  for (int i = i0; i < i1; ++i) {
+    const float* ai = a + i * lda;
+    const float* pi = p + i * ldp + j0;
+    for (int r = 0; r < R; ++r) {
+      float x = pi[r];
+#pragma omp simd
+      for (int k = 0; k < D; ++k) {
+        acc[r][k] = __builtin_fmaf(x, ai[k], acc[r][k]);
+      }
+    }
+  }
+  std::memcpy(out + static_cast<int64_t>(j0) * D, acc, sizeof(acc));
+}
+
+template <int D>
+constexpr int kProductRows = 1024 / (4 * D) < 1 ? 1 : 1024 / (4 * D);  // 16 registers of accumulators
+
+// Which keys a query row sees: one range for a causal row; for a rejected row of a shared-prompt
+// sequence [prompt | chosen | rejected] (rows from `split` on), the prompt's and then its own.
+struct Range {
+  int lo, hi;  // empty when lo > hi
+  bool has(int j) const { return lo <= j && j <= hi; }
+};
+
+struct Mask {
+  int keys, offset, prompt, split;
+  const int32_t* left_pad;
+
+  void ranges(int b, int i, Range& first, Range& second) const {
+    int pad = left_pad[b];
+    if (i < split) {  // causal: from the row's first real token to itself; inside the padding only itself
+      int query = std::min(i + offset, keys - 1);
+      first = {pad <= query ? pad : query, query};
+      second = {1, 0};
+    } else {  // rejected: the prompt's real tokens, never the chosen ones, then its own up to itself
+      first = {pad, prompt - 1};
+      second = {split, std::min(i + offset, keys - 1)};
+    }
+  }
+
+  // The first query row that may see key j: the keys of a causal row and a rejected row's own keys
+  // are seen from their own position on; the prompt's by every later row.
+  int first_row(int j) const { return std::max(0, j - offset); }
+  // One past the last: the chosen part's keys are never seen by the rejected rows.
+  int last_row(int j, int queries) const { return j >= prompt && j < split ? std::min(split, queries) : queries; }
+};
+
+// The key columns a block of rows needs, as at most two spans (merged where they touch).
+struct Spans {
+  Range span[2];
+  int count = 0;
+};
+
+Spans block_spans(const Mask& m, int b, int i0, int rows) {
+  Range lo_hi[2] = {{1 << 30, -1}, {1 << 30, -1}};
+  for (int i = i0; i < i0 + rows; ++i) {
+    Range r[2];
+    m.ranges(b, i, r[0], r[1]);
+    for (int k = 0; k < 2; ++k) {
+      if (r[k].lo <= r[k].hi) {
+        lo_hi[k] = {std::min(lo_hi[k].lo, r[k].lo), std::max(lo_hi[k].hi, r[k].hi)};
+      }
+    }
+  }
+  Spans s;
+  for (auto& r : lo_hi) {
+    if (r.lo > r.hi) {
+      continue;
+    }
+    if (s.count && r.lo <= s.span[s.count - 1].hi + 1 && r.hi >= s.span[s.count - 1].lo - 1) {
+      auto& last = s.span[s.count - 1];
+      last = {std::min(last.lo, r.lo), std::max(last.hi, r.hi)};
+    } else {
+      s.span[s.count++] = r;
+    }
+  }
+  return s;
+}
+
+// exp(s - top) on the row's visible keys and 0 on the rest of the spans, in place; the sum of the exps.
+// With `top` < infinity it is given (the backward's recomputation), else the row's maximum is taken
+// and returned there.
+float exp_row(float* row, const Spans& spans, Range first, Range second, float& top, bool find_top) {
+  const int a_lo = first.lo, a_hi = first.hi, b_lo = second.lo, b_hi = second.hi;  // locals: the loops vectorise
+  float m = top;
+  if (find_top) {
+    m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int j = a_lo; j <= a_hi; ++j) {
+      m = row[j] > m ? row[j] : m;
+    }
+#pragma omp simd reduction(max : m)
+    for (int j = b_lo; j <= b_hi; ++j) {
+      m = row[j] > m ? row[j] : m;
+    }
+    top = m;
+  }
+  float sum = 0.0f;
+  for (int k = 0; k < spans.count; ++k) {
+    const int lo = spans.span[k].lo, hi = spans.span[k].hi;
+#pragma omp simd reduction(+ : sum)
+    for (int j = lo; j <= hi; ++j) {
+      float x = row[j] - m;
+      float e = exp_nonpositive(x < 0.0f ? x : 0.0f);  // masked keys may score above the maximum
+      int seen = ((j >= a_lo) & (j <= a_hi)) | ((j >= b_lo) & (j <= b_hi));
+      e = seen ? e : 0.0f;
+      row[j] = e;
+      sum += e;
+    }
+  }
+  return sum;
+}
+
+// k (S x D) -> kt (D x ldt), zero past S.
+void transpose_keys(const float* k, int keys, int depth, float* kt, int64_t ldt) {
+  for (int d = 0; d < depth; ++d) {  // strided reads, contiguous writes: a store stream the CPU keeps up with
+    float* row = kt + d * ldt;
+    for (int j = 0; j < keys; ++j) {
+      row[j] = k[static_cast<int64_t>(j) * depth + d];
+    }
+    std::fill(row + keys, row + ldt, 0.0f);
+  }
+}
+
+int64_t padded(int keys) { return (keys + kTileCols - 1) / kTileCols * kTileCols; }
+
+struct Shapes {
+  int batch, heads, kv_heads, queries, keys;
+  int group() const { return heads / kv_heads; }
+};
+
+// rows x D = (rows x S block of p, over the spans) @ b (S x D), each row times scale[r] (may be null).
+template <int D>
+void product_rows(const float* p, int64_t ldp, int rows, const Spans& spans, const float* b, float* out,
+                  const float* scale) {
+  constexpr int R = kProductRows<D>;
+  std::fill(out, out + static_cast<int64_t>(rows) * D, 0.0f);
+  float partial[R * D];
+  for (int r0 = 0; r0 < rows; r0 += R) {
+    int n = std::min(R, rows - r0);
+    for (int k = 0; k < spans.count; ++k) {
+      const Range& c = spans.span[k];
+      for (int r = 0; r < n; r += (n == R ? R : 1)) {
+        float* dst = partial;
+        if (n == R) {
+          product_tile<R, D>(p + (r0 + r) * ldp, ldp, b, D, c.lo, c.hi + 1, dst, D, nullptr);
+        } else {
+          product_tile<1, D>(p + (r0 + r) * ldp, ldp, b, D, c.lo, c.hi + 1, dst, D, nullptr);
+        }
+        int count = n == R ? R : 1;
+        for (int t = 0; t < count; ++t) {
+          float* o = out + static_cast<int64_t>(r0 + r + t) * D;
+#pragma omp simd
+          for (int d = 0; d < D; ++d) {
+            o[d] += dst[t * D + d];
+          }
+        }
+      }
+    }
+  }
+  if (scale) {
+    for (int r = 0; r < rows; ++r) {
+#pragma omp simd
+      for (int d = 0; d < D; ++d) {
+        out[static_cast<int64_t>(r) * D + d] *= scale[r];
+      }
+    }
+  }
+}
+
+// acc (S x D) += (rows x S block of p)^T @ a (rows x D), over the spans' key rows.
+template <int D>
+void transposed_rows(const float* p, int64_t ldp, int rows, const Spans& spans, const float* a, float* acc) {
+  constexpr int R = kProductRows<D>;
+  for (int k = 0; k < spans.count; ++k) {
+    const Range& c = spans.span[k];
+    int j = c.lo;
+    for (; j + R <= c.hi + 1; j += R) {
+      transposed_tile<R, D>(p, ldp, a, D, 0, rows, j, acc);
+    }
+    for (; j <= c.hi; ++j) {
+      transposed_tile<1, D>(p, ldp, a, D, 0, rows, j, acc);
+    }
+  }
+}
+
+template <int D>
+void attention_forward(const Shapes& s, const Mask& m, const float* q, const float* k, const float* v, float* out,
+                       float* top, float* total) {
+  int64_t ldt = padded(s.keys);
+  std::vector<float> kt(D * ldt), scores(static_cast<size_t>(kBlockRows) * s.keys);
+  float inv[kBlockRows];
+  for (int b = 0; b < s.batch; ++b) {
+    for (int kv = 0; kv < s.kv_heads; ++kv) {
+      const int64_t kv_row = static_cast<int64_t>(b) * s.kv_heads + kv;
+      const float* vh = v + kv_row * s.keys * D;
+      transpose_keys(k + kv_row * s.keys * D, s.keys, D, kt.data(), ldt);
+      for (int g = 0; g < s.group(); ++g) {
+        const int64_t head = static_cast<int64_t>(b) * s.heads + kv * s.group() + g;
+        for (int i0 = 0; i0 < s.queries; i0 += kBlockRows) {
+          int rows = std::min(kBlockRows, s.queries - i0);
+          Spans spans = block_spans(m, b, i0, rows);
+          const float* q0 = q + (head * s.queries + i0) * D;
+          for (int c = 0; c < spans.count; ++c) {
+            score_rows(q0, D, rows, kt.data(), ldt, D, spans.span[c].lo, spans.span[c].hi + 1, scores.data(), s.keys);
+          }
+          for (int r = 0; r < rows; ++r) {
+            Range first, second;
+            m.ranges(b, i0 + r, first, second);
+            int64_t row = head * s.queries + i0 + r;
+            total[row] = exp_row(scores.data() + r * s.keys, spans, first, second, top[row], true);
+            inv[r] = 1.0f / total[row];
+          }
+          product_rows<D>(scores.data(), s.keys, rows, spans, vh, out + (head * s.queries + i0) * D, inv);
+        }
+      }
+    }
+  }
+}
+
+template <int D>
+void attention_backward(const Shapes& s, const Mask& m, const float* q, const float* k, const float* v,
+                        const float* out, const float* top, const float* total, const float* d_out, float* d_q,
+                        float* d_k, float* d_v) {
+  int64_t ldt = padded(s.keys);
+  size_t block = static_cast<size_t>(kBlockRows) * s.keys;
+  std::vector<float> kt(D * ldt), vt(D * ldt), weights(block), d_scores(block), d_out_scaled(kBlockRows * D);
+  std::fill(d_k, d_k + static_cast<int64_t>(s.batch) * s.kv_heads * s.keys * D, 0.0f);
+  std::fill(d_v, d_v + static_cast<int64_t>(s.batch) * s.kv_heads * s.keys * D, 0.0f);
+  float row_dot[kBlockRows];
+  for (int b = 0; b < s.batch; ++b) {
+    for (int kv = 0; kv < s.kv_heads; ++kv) {
+      const int64_t kv_row = static_cast<int64_t>(b) * s.kv_heads + kv;
+      const float* kh = k + kv_row * s.keys * D;
+      transpose_keys(kh, s.keys, D, kt.data(), ldt);
+      transpose_keys(v + kv_row * s.keys * D, s.keys, D, vt.data(), ldt);
+      float* dkh = d_k + kv_row * s.keys * D;
+      float* dvh = d_v + kv_row * s.keys * D;
+      for (int g = 0; g < s.group(); ++g) {
+        const int64_t head = static_cast<int64_t>(b) * s.heads + kv * s.group() + g;
+        for (int i0 = 0; i0 < s.queries; i0 += kBlockRows) {
+          int rows = std::min(kBlockRows, s.queries - i0);
+          Spans spans = block_spans(m, b, i0, rows);
+          const int64_t row0 = head * s.queries + i0;
+          const float* q0 = q + row0 * D;
+          // With P = W / l: dS = P * (dO V^T - rowsum(dO * O)); 1 / l folded into dO.
+          for (int r = 0; r < rows; ++r) {
+            float scale = 1.0f / total[row0 + r], dot = 0.0f;
+            const float* o_r = out + (row0 + r) * D;
+            const float* do_r = d_out + (row0 + r) * D;
+            float* dos_r = d_out_scaled.data() + r * D;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < D; ++d) {
+              dos_r[d] = do_r[d] * scale;
+              dot += dos_r[d] * o_r[d];
+            }
+            row_dot[r] = dot;
+          }
+          for (int c = 0; c < spans.count; ++c) {  // W again from the scores (nothing kept), and dO V^T
+            const Range& cols = spans.span[c];
+            score_rows(q0, D, rows, kt.data(), ldt, D, cols.lo, cols.hi + 1, weights.data(), s.keys);
+            score_rows(d_out_scaled.data(), D, rows, vt.data(), ldt, D, cols.lo, cols.hi + 1, d_scores.data(), s.keys);
+          }
+          for (int r = 0; r < rows; ++r) {
+            Range first, second;
+            m.ranges(b, i0 + r, first, second);
+            float t = top[row0 + r];
+            float* w = weights.data() + r * s.keys;
+            exp_row(w, spans, first, second, t, false);
+            float* ds = d_scores.data() + r * s.keys;
+            float rd = row_dot[r];
+            for (int c = 0; c < spans.count; ++c) {
+#pragma omp simd
+              for (int j = spans.span[c].lo; j <= spans.span[c].hi; ++j) {
+                ds[j] = w[j] * (ds[j] - rd);  // 0 wherever w is
+              }
+            }
+          }
+          product_rows<D>(d_scores.data(), s.keys, rows, spans, kh, d_q + row0 * D, nullptr);  // dQ = dS K
+          transposed_rows<D>(d_scores.data(), s.keys, rows, spans, q0, dkh);                  // dK += dS^T Q
+          transposed_rows<D>(weights.data(), s.keys, rows, spans, d_out_scaled.data(), dvh);  // dV += P^T dO
+        }
+      }
+    }
+  }
+}
+
+bool supported_size(int d) { return d == 32 || d == 64 || d == 128; }
+
+template <typename F>
+void by_size(int d, F&& f) {
+  switch (d) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: throw std::invalid_argument("causal attention: head size must be 32, 64 or 128");
+  }
+}
+
+Shapes shapes_of(const mx::array& q, const mx::array& k) {
+  return Shapes{static_cast<int>(q.shape(0)), static_cast<int>(q.shape(1)), static_cast<int>(k.shape(1)),
+                static_cast<int>(q.shape(2)), static_cast<int>(k.shape(2))};
+}
+
+struct MaskParams {
+  int offset, prompt, split;
+  bool operator==(const MaskParams& o) const {
+    return offset == o.offset && prompt == o.prompt && split == o.split;
+  }
+};
+
+Mask mask_of(const Shapes& s, const mx::array& left_pad, const MaskParams& p) {
+  return Mask{s.keys, p.offset, p.prompt, p.split, left_pad.data<int32_t>()};
+}
+
+class AttentionPrimitive : public CpuPrimitive {
+ public:
+  AttentionPrimitive(mx::Stream stream, MaskParams mask) : CpuPrimitive(stream), mask_(mask) {}
+
+ protected:
+  bool same_parameters(const mx::Primitive& other) const override {
+    return static_cast<const AttentionPrimitive&>(other).mask_ == mask_;
+  }
+
+  MaskParams mask_;
+};
+
+// inputs: q, k, v, left_pad; outputs: out (B, H, T, D), row max and row sum of the scores (B, H, T, 1)
+class CausalAttention : public AttentionPrimitive {
+ public:
+  using AttentionPrimitive::AttentionPrimitive;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (auto& o : outputs) {
+      allocate(o);
+    }
+    const auto& q = inputs[0];
+    Shapes s = shapes_of(q, inputs[1]);
+    int d = static_cast<int>(q.shape(3));
+    encoder_for(inputs, outputs).dispatch([s, d, m = mask_of(s, inputs[3], mask_), q = q.data<float>(),
+                                           k = inputs[1].data<float>(), v = inputs[2].data<float>(),
+                                           out = outputs[0].data<float>(), top = outputs[1].data<float>(),
+                                           total = outputs[2].data<float>()]() {
+      by_size(d, [&](auto size) { attention_forward<decltype(size)::value>(s, m, q, k, v, out, top, total); });
+    });
+  }
+
+  const char* name() const override { return "CausalAttention"; }
+};
+
+// inputs: q, k, v, out, row max, row sum, d_out, left_pad; outputs: d_q, d_k, d_v
+class CausalAttentionGrad : public AttentionPrimitive {
+ public:
+  using AttentionPrimitive::AttentionPrimitive;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    reuse_or_allocate(outputs[0], inputs[6]);  // d_q may take d_out's buffer: each row block read before written
+    allocate(outputs[1]);
+    allocate(outputs[2]);
+    const auto& q = inputs[0];
+    Shapes s = shapes_of(q, inputs[1]);
+    int d = static_cast<int>(q.shape(3));
+    encoder_for(inputs, outputs).dispatch(
+        [s, d, m = mask_of(s, inputs[7], mask_), q = q.data<float>(), k = inputs[1].data<float>(),
+         v = inputs[2].data<float>(), out = inputs[3].data<float>(), top = inputs[4].data<float>(),
+         total = inputs[5].data<float>(), d_out = inputs[6].data<float>(), d_q = outputs[0].data<float>(),
+         d_k = outputs[1].data<float>(), d_v = outputs[2].data<float>()]() {
+          by_size(d, [&](auto size) {
+            attention_backward<decltype(size)::value>(s, m, q, k, v, out, top, total, d_out, d_q, d_k, d_v);
+          });
+        });
+  }
+
+  const char* name() const override { return "CausalAttentionGrad"; }
+};
+
+void check_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& left_pad) {
+  if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || k.shape(0) != q.shape(0) ||
+      k.shape(3) != q.shape(3) || k.shape(1) == 0 || q.shape(1) % k.shape(1) != 0) {
+    throw std::invalid_argument(
+        "causal attention: q (batch, heads, T, D), k and v (batch, kv heads, S, D), heads a multiple of kv heads");
+  }
+  if (!supported_size(static_cast<int>(q.shape(3)))) {
+    throw std::invalid_argument("causal attention: head size must be 32, 64 or 128");
+  }
+  if (left_pad.ndim() != 1 || left_pad.shape(0) != q.shape(0)) {
+    throw std::invalid_argument("left_pad must have one entry per batch row");
+  }
+}
+
+mx::array pads(const mx::array& left_pad) { return mx::contiguous(mx::astype(left_pad, mx::int32)); }
+
+MaskParams mask_params(int offset, int prompt, int split) {
+  if (prompt > split) {
+    throw std::invalid_argument("causal attention: prompt must not pass split");
+  }
+  return MaskParams{offset, prompt, split};
+}
+
+std::tuple<mx::array, mx::array, mx::array> causal_attention(const mx::array& q, const mx::array& k,
+                                                             const mx::array& v, const mx::array& left_pad,
+                                                             int offset, int prompt, int split) {
+  check_attention(q, k, v, left_pad);
+  auto row_shape = q.shape();
+  row_shape.back() = 1;
+  auto outs = mx::array::make_arrays(
+      {q.shape(), row_shape, row_shape}, {mx::float32, mx::float32, mx::float32},
+      std::make_shared<CausalAttention>(cpu_stream(), mask_params(offset, prompt, split)),
+      {float_rows(q, "q"), float_rows(k, "k"), float_rows(v, "v"), pads(left_pad)});
+  return {outs[0], outs[1], outs[2]};
+}
+
+std::tuple<mx::array, mx::array, mx::array> causal_attention_grad(
+    const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& out, const mx::array& top,
+    const mx::array& total, const mx::array& d_out, const mx::array& left_pad, int offset, int prompt, int split) {
+  check_attention(q, k, v, left_pad);
+  auto outs = mx::array::make_arrays(
+      {q.shape(), k.shape(), v.shape()}, {mx::float32, mx::float32, mx::float32},
+      std::make_shared<CausalAttentionGrad>(cpu_stream(), mask_params(offset, prompt, split)),
+      {float_rows(q, "q"), float_rows(k, "k"), float_rows(v, "v"), float_rows(out, "out"), float_rows(top, "top"),
+       float_rows(total, "total"), float_rows(d_out, "d_out"), pads(left_pad)});
+  return {outs[0], outs[1], outs[2]};
+}
+
+}  // namespace
+
+void add_causal_attention(nb::module_& m) {
+  m.def("causal_attention", &causal_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("left_pad"),
+        nb::arg("offset"), nb::arg("prompt"), nb::arg("split"),
+        "(softmax attention output, row max and row sum of the scores) of already-scaled q (batch, heads, T, D) "
+        "against k, v (batch, kv heads, S, D). Query i sees keys left_pad[b]..i + offset (only itself inside the "
+        "padding); from row `split` on (a shared prompt's rejected part) it sees the keys left_pad[b]..prompt - 1 "
+        "and split..i + offset instead. split >= T: plain causal.");
+  m.def("causal_attention_grad", &causal_attention_grad, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
+        nb::arg("top"), nb::arg("total"), nb::arg("d_out"), nb::arg("left_pad"), nb::arg("offset"), nb::arg("prompt"),
+        nb::arg("split"),
+        "(d_q, d_k, d_v) of causal_attention, recomputing its weights from q, k and the forward's row max and sum.");
+}
+
+}  // namespace mlx_dpo

@@ -1,0 +1,51 @@
+// The causal mask's rows, shared by the attention kernels: which keys each query sees.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "common.h"
+
+namespace mlx_dpo {
+
+struct Rows {
+  int batch, heads, queries, keys, offset;
+  const int32_t* left_pad;
+
+  // The keys [lo, hi] that query i of batch row b sees: from its row's first real token to itself;
+  // a query inside the left padding sees only itself, so that no row is empty.
+  void range(int b, int i, int& lo, int& hi) const {
+    int query = std::min(i + offset, keys - 1);
+    int pad = left_pad[b];
+    lo = pad <= query ? pad : query;
+    hi = query;
+  }
+};
+
+inline void zero_outside(float* row, int lo, int hi, int keys) {
+  std::memset(row, 0, sizeof(float) * lo);
+  std::memset(row + hi + 1, 0, sizeof(float) * (keys - hi - 1));
+}
+
+// exp(s - max) over the row's visible keys [lo, hi] (s and w may be one buffer), 0 elsewhere; its
+// maximum and sum.
+inline void softmax_row(const float* s, float* w, int lo, int hi, int keys, float& top, float& total) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int j = lo; j <= hi; ++j) {
+    m = s[j] > m ? s[j] : m;
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = lo; j <= hi; ++j) {
+    float e = exp_nonpositive(s[j] - m);
+    w[j] = e;
+    sum += e;
+  }
+  zero_outside(w, lo, hi, keys);
+  top = m;
+  total = sum;
+}
+
+}  // namespace mlx_dpo
