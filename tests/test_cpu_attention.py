@@ -12,18 +12,19 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo import cpu_attention, cpu_kernels, native
 from mlx_dpo.completion import completion_logits, shared_plan
-from mlx_dpo.cpu_attention import CausalMask
+from mlx_dpo.cpu_attention import CausalMask, SharedPromptMask
 from mlx_dpo.data.batching import collate
 from mlx_dpo.data.tokenize import EncodedPair
 from mlx_dpo.logprobs import sequence_logps
 
-B, HEADS, KV_HEADS, T, OFFSET, D = 3, 6, 2, 21, 9, 16  # grouped-query heads, keys longer than queries
+B, HEADS, KV_HEADS, T, OFFSET, D = 3, 6, 2, 21, 9, 32  # grouped-query heads, keys longer than queries;
+# a head size native.py's C++ attention takes, so that the native runs go through it
 LEFT_PAD = [0, 4, 11]  # row 2's pads outnumber the offset: some of its queries see only themselves
 
 
 @pytest.fixture(autouse=True, params=["native", "mlx-ops"])
 def softmax_kernels(request, monkeypatch):
-    """Every test runs twice: with native.py's C++ softmax (where it builds) and on MLX ops alone."""
+    """Every test runs twice: with native.py's C++ attention (where it builds) and on MLX ops alone."""
     if request.param == "mlx-ops":
         native.kernels()
         monkeypatch.setitem(native._state, "module", None)
@@ -125,6 +126,18 @@ def test_shared_prompt_path_with_many_blocks_equals_mlx_lm_attention(tiny_model,
     ours, theirs = dict(tree_flatten(g_ours)), dict(tree_flatten(g_mlx))
     for name in theirs:
         np.testing.assert_allclose(np.array(ours[name]), np.array(theirs[name]), rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_shared_prompt_attention_equals_mlx_sdpa_on_its_mask(padded):
+    """[prompt | chosen | rejected] rows: the rejected queries see the prompt and their own keys."""
+    t, prompt, split = 30, 8, 19
+    q = mx.random.normal((B, HEADS, t, D), key=mx.random.key(7))
+    k = mx.random.normal((B, KV_HEADS, t, D), key=mx.random.key(8))
+    v = mx.random.normal((B, KV_HEADS, t, D), key=mx.random.key(9))
+    mask = SharedPromptMask(prompt, split, mx.array([0, 3, 7] if padded else [0, 0, 0], dtype=mx.int32))
+    _assert_same(lambda *a: cpu_attention.attention(*a, None, scale=0.25, mask=mask), _mlx_attention(mask.array(t)),
+                 q, k, v)
 
 
 def test_blocks_only_from_the_threshold(monkeypatch):

@@ -180,6 +180,47 @@ def test_sum_of_squares_is_the_float64_sum():
     np.testing.assert_allclose(_kernels().sum_of_squares(x).item(), expected, rtol=1e-7)
 
 
+def _masked_attention(q, k, v, keep):
+    group = q.shape[1] // k.shape[1]
+    k, v = mx.repeat(k, group, axis=1), mx.repeat(v, group, axis=1)
+    return mx.softmax(mx.where(keep, q @ k.swapaxes(-1, -2), -mx.inf), axis=-1) @ v
+
+
+NO_SPLIT = 2**30
+
+
+@needs_build
+@pytest.mark.parametrize("shape,offset,pads,shared", [
+    ((2, 6, 2, 37, 37, 64), 0, [0, 5], None),         # grouped heads, a padded row
+    ((1, 9, 3, 50, 90, 64), 40, [3], None),           # keys before the queries (an offset)
+    ((2, 4, 4, 20, 33, 32), 13, [0, 30], None),       # queries inside the padding see only themselves
+    ((1, 2, 1, 9, 9, 128), 0, [0], None),
+    ((2, 9, 3, 70, 70, 64), 0, [0, 6], (20, 45)),     # [prompt | chosen | rejected] rows
+    ((1, 4, 2, 41, 41, 32), 0, [2], (10, 25)),
+])
+def test_causal_attention_and_its_gradients_equal_the_masked_softmax(shape, offset, pads, shared):
+    from mlx_dpo.cpu_attention import SharedPromptMask
+
+    b, heads, kv_heads, t, s, d = shape
+    keys = [mx.random.key(i) for i in range(22, 26)]
+    q = mx.random.normal((b, heads, t, d), key=keys[0])
+    k, v = (mx.random.normal((b, kv_heads, s, d), key=key) for key in keys[1:3])
+    d_out = mx.random.normal(q.shape, key=keys[3])
+    left_pad = mx.array(pads, dtype=mx.int32)
+    if shared:
+        keep, (prompt, split) = SharedPromptMask(*shared, left_pad).array(t), shared
+    else:
+        keep, prompt, split = CausalMask(offset, left_pad).keep(0, t, s), NO_SPLIT, NO_SPLIT
+    (expected,), grads = mx.vjp(lambda q, k, v: _masked_attention(q, k, v, keep), [q, k, v], [d_out])
+    out, top, total = _kernels().causal_attention(q, k, v, left_pad, offset, prompt, split)
+    assert top.shape == total.shape == (b, heads, t, 1)
+    np.testing.assert_allclose(np.array(out), np.array(expected), atol=2e-5)
+    ours = _kernels().causal_attention_grad(q, k, v, out, top, total, d_out, left_pad, offset, prompt, split)
+    for name, a, e in zip("qkv", ours, grads):
+        scale = float(mx.abs(e).max())
+        np.testing.assert_allclose(np.array(a), np.array(e), atol=1e-5 * max(scale, 1.0), err_msg=f"d_{name}")
+
+
 @needs_build
 def test_layer_kernels_leave_referenced_inputs_unchanged():
     x = mx.random.normal((4, 64), key=mx.random.key(13))
@@ -199,6 +240,12 @@ def test_layer_kernels_reject_bad_shapes_and_dtypes():
         k.rms_norm(mx.zeros((2, 8)), mx.ones((4,)), 1e-5)
     with pytest.raises(ValueError, match="one shape"):
         k.swiglu(mx.zeros((2, 8)), mx.zeros((2, 4)))
+    with pytest.raises(ValueError, match="head size"):
+        k.causal_attention(mx.zeros((1, 2, 4, 48)), mx.zeros((1, 1, 4, 48)), mx.zeros((1, 1, 4, 48)),
+                           mx.zeros((1,), dtype=mx.int32), 0, NO_SPLIT, NO_SPLIT)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        k.causal_attention(mx.zeros((1, 3, 4, 64)), mx.zeros((1, 2, 4, 64)), mx.zeros((1, 2, 4, 64)),
+                           mx.zeros((1,), dtype=mx.int32), 0, NO_SPLIT, NO_SPLIT)
     with pytest.raises(ValueError, match="float32"):
         k.rope(mx.zeros((1, 1, 2, 4), dtype=mx.float16), 10000.0, 1.0, 0, 2**30, 0, False, False)
 
