@@ -1,12 +1,25 @@
-"""Attention for MLX's CPU backend: causal query blocks, softmax recomputed in the backward.
+"""Attention for MLX's CPU backend: all of it in mlx-dpo's C++ kernel where that is built, else
+causal query blocks on MLX ops.
 
 mlx-lm's attention scores every query against every key, masked ones included, and autodiff
 keeps each layer's (queries x keys) softmax for the backward, so its memory and memory traffic
-grow with the square of the length. `blocked_attention` takes the queries in blocks of
+grow with the square of the length.
+
+Where native.py's kernels are built (Linux with a compiler) and the head size is 32, 64 or 128,
+`_native_attention` runs causal and shared-prompt attention in C++ (csrc/causal_attention.cpp):
+each block of 16 query rows is scored only against the keys its rows see, in register tiles; its
+softmax and normalisation happen on the tiles, and its output is made there. The backward
+recomputes the weights from the queries, the keys and two numbers per row, as flash attention
+does, so nothing (queries x keys) outlives a block. A shared-prompt row (completion.py) is one call:
+the rejected rows see the prompt's keys and their own. On the bench's LoRA step it took a step from
+3.06-3.27 to 2.34-2.51 s at 256 tokens and from 12.0 to 9.0 s at 1024, with 0.25 and 2.1 GB less
+peak memory (docs/benchmarks.md, session 11).
+
+Without it (or for other head sizes), `blocked_attention` takes the queries in blocks of
 `compute.attention_block` rows; a block is scored only against the keys it can see (its causal
 prefix: the masked upper triangle is never computed) and keeps only its output and each row's
-log-sum-exp. The backward recomputes a block's probabilities from those, as flash attention
-does; no online softmax is needed because a block's whole prefix fits in memory at these lengths.
+log-sum-exp. The backward recomputes a block's probabilities from those; no online softmax is
+needed because a block's whole prefix fits in memory at these lengths.
 
 The recomputation costs a matmul and an exp per block, which the saved traffic pays for only
 on long sequences: on a LoRA step of SmolLM2-135M on 2 cores, blocks of 256 rows were within
@@ -14,20 +27,19 @@ run-to-run noise of dense attention at 1024 tokens and 1.15x faster (and 1 GB li
 (docs/benchmarks.md). So layers whose score matrix is smaller than `BLOCKED_FROM` keep their
 softmax: in the same blocks of query rows (`kept_blocks_attention`, which skips the masked upper
 triangle too) when there is more than one, else dense; compute.recompute_attention recomputes
-at every length, for memory (0.22 GB less on the bench's LoRA step, ~8% slower). The backward
-waits for its cotangent before recomputing (`recompute.after`): without that, MLX's wide
-evaluation ran the recomputation during the forward and kept it, which saved nothing.
+at every length, for memory. The backward waits for its cotangent before recomputing
+(`recompute.after`): without that, MLX's wide evaluation ran the recomputation during the forward
+and kept it, which saved nothing.
 
-Where the softmax is kept (`kept_blocks_attention`, dense causal attention), its forward and the
-backward's pass over the scores run in mlx-dpo's C++ kernel when it is built (native.py): one
-pass per row over the keys the row sees, no mask array, no select (a LoRA step 10-18% shorter at
-1024 tokens, 3-8% at 256: docs/benchmarks.md). The recomputing blocks stay on MLX ops: with the
+Where the softmax is kept and the C++ attention does not apply (another head size), its forward
+and the backward's pass over the scores still run in native.py's row kernel: one pass per row over
+the keys the row sees, no mask array, no select. The recomputing blocks stay on MLX ops: with that
 kernel there, a chain of layers kept score-sized arrays alive until the backward
 (tests/test_recompute.py's measure), which is what they exist to avoid.
 
 Masks: mlx-lm's "causal", a `CausalMask` (causal with left padding, kept symbolic so that each
 block builds only its own slice of it), or a `SharedPromptMask` (completion.py's one row per
-pair, computed as two causal attentions).
+pair: one C++ call, or two causal attentions).
 """
 from __future__ import annotations
 
@@ -213,16 +225,15 @@ _dense.vjp(_dense_vjp)
 
 
 def _dense_causal(q_scaled, k, v, mask: CausalMask, first: int, stop: int) -> mx.array:
-    """`_dense` for queries first..stop-1 under a causal mask: all of it in native.py's C++
-    attention when that is built and takes the head size, else its softmax there (no mask array,
-    no select), else `_dense` itself."""
-    kernels = native.kernels()
-    if kernels is None:
+    """`_dense` for queries first..stop-1 under a causal mask: its softmax in native.py's kernel
+    when that is built (no mask array, no select), else `_dense` itself."""
+    if native.kernels() is None:
         return _dense(q_scaled, k, v, mask.keep(first, stop, k.shape[2]))[0]
-    pads = _left_pads(mask, q_scaled.shape[0])
-    if q_scaled.shape[-1] in NATIVE_HEAD_SIZES:
-        return _native_attention(mask.offset + first)(q_scaled, k, v, pads)[0]
-    return _fused_dense(mask.offset + first)(q_scaled, k, v, pads)[0]
+    return _fused_dense(mask.offset + first)(q_scaled, k, v, _left_pads(mask, q_scaled.shape[0]))[0]
+
+
+def _native_applies(queries: mx.array) -> bool:
+    return native.kernels() is not None and queries.shape[-1] in NATIVE_HEAD_SIZES
 
 
 @functools.lru_cache(maxsize=None)
@@ -319,6 +330,8 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
         return _shared_prompt_attention(queries, keys, values, cache, scale, mask)
     if not isinstance(mask, CausalMask):
         return dense_attention(queries, keys, values, scale, mask)
+    if _native_applies(queries):  # all of it in C++, nothing (queries x keys) kept: no blocks needed
+        return _native_attention(mask.offset)(queries * scale, keys, values, _left_pads(mask, queries.shape[0]))[0]
     keys, values = _aligned(keys, values)
     block = attention_block()
     if block and (t * s >= BLOCKED_FROM or recompute_attention()):
@@ -344,7 +357,7 @@ def _shared_prompt_attention(queries, keys, values, cache, scale: float, mask: S
     to the prompt's keys and their own, causally after the prompt: each part as `attention` does
     it (dense or blocked), so no score between rejected and chosen tokens is ever computed."""
     s, p = mask.split, mask.prompt
-    if native.kernels() is not None and queries.shape[-1] in NATIVE_HEAD_SIZES and queries.dtype == mx.float32:
+    if _native_applies(queries):
         return _native_attention(0, p, s)(queries * scale, keys, values, mask.left_pad)[0]
     first = attention(queries[:, :, :s], keys[:, :, :s], values[:, :, :s], cache, scale,
                       CausalMask(0, mask.left_pad))

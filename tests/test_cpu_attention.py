@@ -140,7 +140,18 @@ def test_shared_prompt_attention_equals_mlx_sdpa_on_its_mask(padded):
                  q, k, v)
 
 
+def test_the_c_attention_takes_causal_masks_whole_where_built(softmax_kernels, monkeypatch):
+    used = []
+    monkeypatch.setattr(cpu_attention, "blocked_attention", lambda *a: used.append("blocked") or a[0])
+    monkeypatch.setattr(cpu_attention, "kept_blocks_attention", lambda *a: used.append("kept") or a[0])
+    monkeypatch.setattr(cpu_attention, "attention_block", lambda: 8)
+    q, k, v = _qkv()
+    cpu_attention.attention(q, k, v, None, scale=0.25, mask="causal")
+    assert used == ([] if softmax_kernels == "native" else ["kept"])
+
+
 def test_blocks_only_from_the_threshold(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "NATIVE_HEAD_SIZES", ())  # the blocks serve the head sizes C++ does not
     calls = []
     monkeypatch.setattr(cpu_attention, "blocked_attention", lambda *a: calls.append(a[-1]) or a[0])
     monkeypatch.setattr(cpu_attention, "attention_block", lambda: 8)
@@ -154,6 +165,7 @@ def test_blocks_only_from_the_threshold(monkeypatch):
 
 
 def test_below_the_threshold_blocks_keep_their_softmax(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "NATIVE_HEAD_SIZES", ())
     kept = []
     monkeypatch.setattr(cpu_attention, "kept_blocks_attention", lambda *a: kept.append(a[-1]) or a[0])
     monkeypatch.setattr(cpu_attention, "attention_block", lambda: 8)
