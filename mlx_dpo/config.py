@@ -152,12 +152,16 @@ class ComputeConfig:
                                     "a vectorisable exp (mlx_dpo/cpu_kernels.py; 5-9x MLX's CPU exp in a "
                                     "step's buffers, scripts/bench_cpu_ops.py, and as accurate); attention's own VJP; "
                                     "LoRA's low-rank product accumulated into the base matmul "
-                                    "(mlx_dpo/cpu_lora.py). No effect on Metal.")
+                                    "(mlx_dpo/cpu_lora.py); and, where mlx-dpo's C++ kernels are built "
+                                    "(mlx_dpo/native.py; MLX_DPO_NATIVE=0 turns them off), attention, RMSNorm, "
+                                    "SwiGLU, RoPE and the head's softmax in one pass each. No effect on Metal.")
     attention_block: int = opt(256, "MLX on the CPU, with fast_cpu_math: causal attention takes this many query "
                                      "rows at a time against the keys they can see (the masked upper triangle is "
                                      "skipped); over long sequences (a layer's queries x keys >= 1024 x 1024) each "
                                      "block recomputes its softmax in the backward instead of keeping it "
-                                     "(mlx_dpo/cpu_attention.py); 0 = all rows at once, softmax kept. "
+                                     "(mlx_dpo/cpu_attention.py); 0 = all rows at once, softmax kept. Only "
+                                     "where the C++ attention does not apply (not built, or a head size other "
+                                     "than 32/64/128): it takes each mask whole and keeps nothing that size. "
                                      "No effect on Metal.", min=0)
     recompute_activations: bool = opt(True, "MLX on the CPU, with fast_cpu_math and LoRA: recompute the SwiGLU product "
                                             "that feeds the down projection in the backward instead of keeping it "
@@ -167,7 +171,8 @@ class ComputeConfig:
     recompute_attention: bool = opt(False, "MLX on the CPU, with fast_cpu_math: recompute attention's softmax in the "
                                            "backward at every length, not only from 1024 x 1024 scores per layer "
                                            "(compute.attention_block): another 0.22 GB less on the bench's LoRA "
-                                           "step, for ~8% more time at 256 tokens and more at longer ones. "
+                                           "step, for ~8% more time at 256 tokens and more at longer ones. Only "
+                                           "where the C++ attention does not apply (it always recomputes). "
                                            "No effect on Metal.")
 
 

@@ -58,7 +58,7 @@ def system_findings(measure: bool = True) -> list[Finding]:
 
 def _native_finding() -> Finding:
     """mlx-dpo's C++ CPU kernels (native.py): built (ok), switched off or not for this OS (info),
-    or failed to build (warn: attention's softmax then runs on MLX ops, slower)."""
+    or failed to build (warn: those layers then run on MLX ops, slower)."""
     from . import native
 
     if native.kernels() is not None:

@@ -1,18 +1,25 @@
 """mlx-dpo's C++ CPU kernels: built on first use against the installed MLX, cached, optional.
 
-MLX offers no way to write a CPU kernel from Python, and its CPU backend runs a softmax as one
-pass over memory per op (select, maximum, subtraction, exp, sum); done in one pass per row, a
-1024-token LoRA step is 10-18% shorter (docs/benchmarks.md, session 10). `csrc/attention_softmax.cpp` is an MLX primitive that does a causal row in one
-pass (cpu_attention.py uses it). Like MLX's own CPU `mx.compile`, which runs `g++` on generated
-source, this module compiles it on this machine the first time it is needed (~10 s here; the
-setup script does it ahead), with `-march=native`, against the MLX that is installed, through
-nanobind's sources in MLX's nanobind domain (`mlx`) so that the kernels take and return
-`mx.array`s. The shared library is a per-machine artefact, cached in `native_dir()` (not with the
-run caches of $MLX_DPO_CACHE_DIR), keyed by the source, MLX's and nanobind's versions, the flags
-and Python's ABI; concurrent builds (two ranks) take a file lock.
+MLX offers no way to write a CPU kernel from Python, and its CPU backend runs each op as one pass
+over memory: a softmax is five (select, maximum, subtraction, exp, sum), RMSNorm, SwiGLU and RoPE
+several each, and attention's products go to OpenBLAS as small matrices whose packing costs as
+much as their arithmetic. The files in `csrc/` are MLX primitives that do these in one pass or
+one fused loop: causal and shared-prompt attention forward and backward (causal_attention.cpp,
+cpu_attention.py calls it), the causal row softmax (attention_softmax.cpp: other head sizes and
+the LM head's chunks), RMSNorm, SwiGLU and RoPE (layer_kernels.cpp, through cpu_layers.py) and
+AdamW's step (optimizer_kernels.cpp, engines/mlx_fast.py). Together they took the bench's LoRA
+step from 3.1-3.3 to 2.3-2.5 s (docs/benchmarks.md, session 11).
+
+Like MLX's own CPU `mx.compile`, which runs `g++` on generated source, this module compiles them
+on this machine the first time they are needed (~15 s here; the setup script does it ahead),
+with `-march=native`, against the MLX that is installed, through nanobind's sources in MLX's
+nanobind domain (`mlx`) so that the kernels take and return `mx.array`s. The shared library is a
+per-machine artefact, cached in `native_dir()` (not with the run caches of $MLX_DPO_CACHE_DIR),
+keyed by the sources, MLX's and nanobind's versions, the flags and Python's ABI; concurrent
+builds (two ranks) take a file lock.
 
 Everything degrades: no compiler, no nanobind, a failed build or a module whose arrays MLX does
-not recognise (a nanobind ABI change) leaves `kernels()` None and attention on MLX ops, as
+not recognise (a nanobind ABI change) leaves `kernels()` None and every caller on MLX ops, as
 `MLX_DPO_NATIVE=0` does on purpose. `status()` says which, for `mlx-dpo doctor`.
 """
 from __future__ import annotations
@@ -37,6 +44,8 @@ MODULE = "_native"
 FLAGS = ["-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd", "-fPIC", "-shared",
          "-fvisibility=hidden", "-fno-strict-aliasing", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx"]
 
+FALLBACK = "attention, norms, SwiGLU, RoPE and AdamW run on MLX ops (slower)"
+
 _state: dict = {}
 
 
@@ -54,7 +63,7 @@ def status() -> str:
 
 def _load() -> tuple[Optional[ModuleType], str]:
     if os.environ.get("MLX_DPO_NATIVE", "1") == "0":
-        return None, "off (MLX_DPO_NATIVE=0): attention's softmax runs on MLX ops"
+        return None, f"off (MLX_DPO_NATIVE=0): {FALLBACK}"
     if sys.platform != "linux":
         return None, "not built (Linux only: on macOS training runs on Metal)"
     try:
@@ -62,8 +71,8 @@ def _load() -> tuple[Optional[ModuleType], str]:
         module = _import(path)
         _check(module)
     except Exception as exc:  # any failure leaves the MLX-op kernels in place
-        return None, f"unavailable ({exc}); attention's softmax runs on MLX ops"
-    return module, f"fused attention softmax ({path})"
+        return None, f"unavailable ({exc}); {FALLBACK}"
+    return module, f"built: attention, RMSNorm, SwiGLU, RoPE, the head's softmax, AdamW ({path})"
 
 
 def build(quiet: bool = False) -> Path:

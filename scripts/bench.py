@@ -94,10 +94,10 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     "mlx-dpo-lora/one-stream": ("mlx-dpo", "lora", {"mlx_dpo": {"cpu_streams": 1}}),
     "mlx-dpo-lora/sized-cache": ("mlx-dpo", "lora", {"env": {"MLX_DPO_CPU_CACHE_FRACTION": "0.25"}}),
     "mlx-dpo-lora/glibc-trim": ("mlx-dpo", "lora", {"env": {"MLX_DPO_MALLOC": "system"}}),
-    "mlx-dpo-lora/mlx-softmax": ("mlx-dpo", "lora", {"env": {"MLX_DPO_NATIVE": "0"}}),
+    "mlx-dpo-lora/no-cpp": ("mlx-dpo", "lora", {"env": {"MLX_DPO_NATIVE": "0"}}),
     "mlx-dpo-lora/keep-swiglu": ("mlx-dpo", "lora", {"mlx_dpo": {"recompute_activations": False}}),
-    "mlx-dpo-lora/recompute-attention": ("mlx-dpo", "lora", {"mlx_dpo": {"recompute_attention": True}}),
     "mlx-dpo-full/one-stream": ("mlx-dpo", "full", {"mlx_dpo": {"cpu_streams": 1}}),
+    "mlx-dpo-full/no-cpp": ("mlx-dpo", "full", {"env": {"MLX_DPO_NATIVE": "0"}}),
     # the memory setting each trainer offers, on both
     "mlx-dpo-lora/checkpointing": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True}}),
     "mlx-lm-lora-lora/checkpointing": ("mlx-lm-lora", "lora", {"mlx_lm_lora": {"grad_checkpoint": True}}),

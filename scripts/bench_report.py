@@ -266,11 +266,10 @@ cache to the largest step's working set (`MLX_DPO_CPU_CACHE_FRACTION=0.25`, mlx-
 earlier default: see mlx_dpo/hardware.py) instead of MLX's 32 MiB default; `glibc-trim` leaves glibc's
 malloc at its defaults, which unmap or trim large freed blocks (`MLX_DPO_MALLOC=system`; by
 default mlx-dpo keeps them in the heap, and the mlx-lm-lora rows get the same setting, as they get
-the same OpenBLAS binding, by importing mlx_dpo); `mlx-softmax` runs attention's causal softmax on
-MLX ops instead of mlx-dpo's C++ kernel (`MLX_DPO_NATIVE=0`; mlx_dpo/native.py); `keep-swiglu` keeps the SwiGLU product from the
-forward instead of recomputing it (`compute.recompute_activations: false`); `recompute-attention`
-is the other way round, a setting that is off by default: attention's softmax recomputed at
-every length (`compute.recompute_attention: true`); `checkpointing` turns on each trainer's gradient checkpointing (mlx-dpo:
+the same OpenBLAS binding, by importing mlx_dpo); `no-cpp` switches mlx-dpo's C++
+kernels off (`MLX_DPO_NATIVE=0`; mlx_dpo/native.py: attention, RMSNorm, SwiGLU, RoPE, the head's
+softmax, AdamW), leaving their MLX-op versions; `keep-swiglu` keeps the SwiGLU product from the
+forward instead of recomputing it (`compute.recompute_activations: false`); `checkpointing` turns on each trainer's gradient checkpointing (mlx-dpo:
 `compute.gradient_checkpointing`, every block, its lowest-memory setting; mlx-lm-lora: its
 `grad_checkpoint`, which wraps the model's block class). Every other technique is on by default and
 has an exactness test (tests/test_perf_*.py, tests/test_cpu_kernels.py, tests/test_cpu_attention.py, tests/test_native.py,

@@ -12,6 +12,7 @@
 // Layouts: queries (batch, heads, T, D), already scaled; keys and values (batch, kv heads, S, D),
 // heads grouped over kv heads as mlx-lm does (head h uses kv head h / (heads / kv heads)).
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -21,7 +22,7 @@
 
 #include <nanobind/stl/tuple.h>
 
-#include "causal_rows.h"
+#include "common.h"
 
 namespace mlx_dpo {
 
