@@ -104,11 +104,44 @@ class NativeRoPE(nn.RoPE):
         return _rope(float(self.base), float(self.scale), int(offset), split, restart)(x)
 
 
-def use_native_layers(model: nn.Module) -> int:
-    """Give the model's plain RMSNorm and RoPE modules the kernel-backed subclasses; how many."""
+# ---- Linear: the weight's gradient in the weight's layout --------------------------------------
+
+@mx.custom_function
+def _linear(x, weight):
+    return x @ weight.T
+
+
+@_linear.vjp
+def _linear_vjp(primals, cotangent, output):
+    # MLX's own VJP of x @ W.T gives W's gradient as the transpose of x^T dY: a column-major view,
+    # which the optimizer's one-pass kernel, the sum over CPU streams and the norm would each copy
+    # first. dY^T x is the same product, already laid out as W.
+    x, weight = primals
+    rows = cotangent.reshape(-1, cotangent.shape[-1])
+    return cotangent @ weight, rows.T @ x.reshape(-1, x.shape[-1])
+
+
+class RowMajorGradLinear(nn.Linear):
+    """nn.Linear whose weight gradient comes out row-major, inside mlx-dpo's CPU passes (full
+    fine-tuning trains these weights; under LoRA the gradient is never evaluated)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not cpu_kernels.active() or x.dtype != mx.float32 or self.weight.dtype != mx.float32:
+            return super().__call__(x)
+        y = _linear(x, self.weight)
+        return y + self.bias if "bias" in self else y
+
+
+def use_native_layers(model: nn.Module, trained_linears: bool = False) -> int:
+    """Give the model's plain RMSNorm and RoPE modules (and, for full fine-tuning, its plain
+    Linear modules) the subclasses above; how many. LoRA wraps plain linears itself
+    (cpu_lora.py), so they stay plain there."""
     swapped = 0
+    classes = ((nn.RMSNorm, NativeRMSNorm), (nn.RoPE, NativeRoPE))
+    if trained_linears:
+        classes += ((nn.Linear, RowMajorGradLinear),)
     for _, module in model.named_modules():
-        for plain, native_class in ((nn.RMSNorm, NativeRMSNorm), (nn.RoPE, NativeRoPE)):
+        for plain, native_class in classes:
             if type(module) is plain:
                 module.__class__ = native_class
                 swapped += 1

@@ -38,7 +38,7 @@ def load_models(cfg: Config, device_kind: str = "cpu") -> Models:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     policy, tokenizer, model_config = _load(cfg.policy_path, cfg.model.trust_remote_code)
-    cpu_layers.use_native_layers(policy)
+    cpu_layers.use_native_layers(policy, trained_linears=cfg.model.finetune == "full")
     notes = [_set_precision(policy, cfg.compute.fp16, device_kind, cfg.model.finetune)]
     separate_ref = cfg.model.finetune == "full" or cfg.reference_path != cfg.policy_path
     reference = None

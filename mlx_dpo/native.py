@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,8 +41,9 @@ from typing import Optional
 CSRC = Path(__file__).resolve().parent / "csrc"
 MODULE = "_native"
 # -ffp-contract=off: no fused multiply-adds, so that the exp's rounding trick stays exact.
+# -fno-math-errno: sqrt vectorises (errno is never read; results are IEEE sqrt either way).
 # -fopenmp-simd: the row loops' max and sum reductions vectorise without -ffast-math.
-FLAGS = ["-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd", "-fPIC", "-shared",
+FLAGS = ["-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared",
          "-fvisibility=hidden", "-fno-strict-aliasing", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx"]
 
 FALLBACK = "attention, norms, SwiGLU, RoPE and AdamW run on MLX ops (slower)"
@@ -87,7 +89,7 @@ def build(quiet: bool = False) -> Path:
     mlx_dir = Path(mx.__file__).resolve().parent  # the library links to this MLX by its path
     key = hashlib.sha256("\n".join([
         *(path.read_text() for path in _sources(headers=True)), mx.__version__, str(mlx_dir), str(nanobind_dir), _nanobind_version(), suffix,
-        " ".join(FLAGS), compiler,
+        " ".join(_flags()), compiler,
     ]).encode()).hexdigest()[:16]
     out_dir = native_dir() / key
     target = out_dir / f"{MODULE}{suffix}"
@@ -100,7 +102,7 @@ def build(quiet: bool = False) -> Path:
         if not quiet:
             print("mlx-dpo: compiling its C++ CPU kernels for this machine (once, ~10-30 s)...", file=sys.stderr, flush=True)
         partial = out_dir / f"{MODULE}.partial{suffix}"
-        command = [compiler, *FLAGS,
+        command = [compiler, *_flags(),
                    f"-I{nanobind_dir / 'include'}", f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
                    f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
                    str(nanobind_dir / "src" / "nb_combined.cpp"), *map(str, _sources()), "-o", str(partial),
@@ -112,6 +114,11 @@ def build(quiet: bool = False) -> Path:
             raise RuntimeError(f"the C++ build failed; its log: {log}")
         partial.replace(target)  # atomic: other processes see the whole library or none
     return target
+
+
+def _flags() -> list[str]:
+    """FLAGS, then $MLX_DPO_NATIVE_CXXFLAGS (e.g. -mno-avx512f: the plain C++ tiles instead of AVX-512)."""
+    return FLAGS + shlex.split(os.environ.get("MLX_DPO_NATIVE_CXXFLAGS", ""))
 
 
 def _sources(headers: bool = False) -> list[Path]:

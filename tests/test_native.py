@@ -234,6 +234,21 @@ def test_layer_kernels_leave_referenced_inputs_unchanged():
 
 
 @needs_build
+def test_kernels_read_strided_views_as_their_values():
+    """Transposes and broadcasts reach the primitives as views: read by value, not by buffer."""
+    k = _kernels()
+    gate = mx.random.normal((48, 30), key=mx.random.key(40)).T  # (30, 48), column-major
+    up = mx.broadcast_to(mx.random.normal((1, 48), key=mx.random.key(41)), (30, 48))
+    np.testing.assert_allclose(np.array(k.swiglu(gate, up)), np.array(k.swiglu(mx.array(np.array(gate)),
+                                                                                mx.array(np.array(up)))))
+    np.testing.assert_allclose(k.sum_of_squares(gate).item(), float((np.array(gate, dtype=np.float64) ** 2).sum()),
+                               rtol=1e-6)
+    x = mx.random.normal((64, 5), key=mx.random.key(42)).T
+    y, _ = k.rms_norm(x, mx.ones((64,)), 1e-5)
+    np.testing.assert_allclose(np.array(y), np.array(mx.fast.rms_norm(x, mx.ones((64,)), 1e-5)), rtol=1e-5, atol=1e-6)
+
+
+@needs_build
 def test_layer_kernels_reject_bad_shapes_and_dtypes():
     k = _kernels()
     with pytest.raises(ValueError, match="weight must be"):
@@ -312,3 +327,25 @@ def test_guarded_update_takes_the_same_steps_through_the_fused_adamw(monkeypatch
     np.testing.assert_allclose([n for n, _ in fused_norms[:2]], [n for n, _ in plain_norms[:2]], rtol=1e-6)
     for name, weight in fused.items():
         np.testing.assert_allclose(np.array(weight), np.array(plain[name]), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@needs_build
+def test_the_portable_build_without_avx512_computes_the_same_attention(monkeypatch, tmp_path):
+    """Machines without AVX-512 compile the kernels' plain C++ tiles: build them so here (extra
+    compiler flags through MLX_DPO_NATIVE_CXXFLAGS) and check them against the masked softmax."""
+    monkeypatch.setenv("MLX_DPO_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setenv("MLX_DPO_NATIVE_CXXFLAGS", "-mno-avx512f")
+    portable = native._import(native.build(quiet=True))
+    b, heads, kv_heads, t, d = 2, 4, 2, 37, 64
+    keys = [mx.random.key(i) for i in range(30, 34)]
+    q = mx.random.normal((b, heads, t, d), key=keys[0])
+    k, v = (mx.random.normal((b, kv_heads, t, d), key=key) for key in keys[1:3])
+    d_out = mx.random.normal(q.shape, key=keys[3])
+    left_pad = mx.array([0, 5], dtype=mx.int32)
+    keep = CausalMask(0, left_pad).keep(0, t, t)
+    (expected,), grads = mx.vjp(lambda q, k, v: _masked_attention(q, k, v, keep), [q, k, v], [d_out])
+    out, top, total = portable.causal_attention(q, k, v, left_pad, 0, NO_SPLIT, NO_SPLIT)
+    np.testing.assert_allclose(np.array(out), np.array(expected), atol=2e-5)
+    ours = portable.causal_attention_grad(q, k, v, out, top, total, d_out, left_pad, 0, NO_SPLIT, NO_SPLIT)
+    for a, e in zip(ours, grads):
+        np.testing.assert_allclose(np.array(a), np.array(e), atol=1e-5 * max(float(mx.abs(e).max()), 1.0))

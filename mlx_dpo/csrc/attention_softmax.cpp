@@ -80,8 +80,9 @@ class CausalSoftmax : public CausalRowsPrimitive {
   using CausalRowsPrimitive::CausalRowsPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    const auto& scores = inputs[0];
-    const auto& left_pad = inputs[1];
+    auto in = readable(inputs);
+    const auto& scores = in[0];
+    const auto& left_pad = in[1];
     auto& weights = outputs[0];
     reuse_or_allocate(weights, scores);
     allocate(outputs[1]);
@@ -101,10 +102,11 @@ class CausalSoftmaxGrad : public CausalRowsPrimitive {
   using CausalRowsPrimitive::CausalRowsPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    const auto& weights = inputs[0];
-    const auto& d_weights = inputs[1];
-    const auto& row_dot = inputs[2];
-    const auto& left_pad = inputs[3];
+    auto in = readable(inputs);
+    const auto& weights = in[0];
+    const auto& d_weights = in[1];
+    const auto& row_dot = in[2];
+    const auto& left_pad = in[3];
     reuse_or_allocate(outputs[0], d_weights);
     encoder_for(inputs, outputs).dispatch([rows = rows_of(weights, left_pad, offset_), w = weights.data<float>(),
                                            dw = d_weights.data<float>(), rd = row_dot.data<float>(), ds = outputs[0].data<float>()]() {
@@ -119,14 +121,14 @@ mx::array pads_of(const mx::array& left_pad, int batch) {
   if (left_pad.ndim() != 1 || left_pad.shape(0) != batch) {
     throw std::invalid_argument("left_pad must have one entry per batch row");
   }
-  return mx::contiguous(mx::astype(left_pad, mx::int32));
+  return mx::astype(left_pad, mx::int32);
 }
 
 std::vector<mx::array> causal_softmax(const mx::array& scores, const mx::array& left_pad, int offset) {
   if (scores.ndim() != 4) {
     throw std::invalid_argument("scores must be (batch, heads, queries, keys)");
   }
-  auto s = float_rows(scores, "scores");
+  auto s = float_input(scores, "scores");
   auto pads = pads_of(left_pad, s.shape(0));
   auto row_shape = s.shape();
   row_shape.back() = 1;
@@ -140,13 +142,13 @@ mx::array causal_softmax_grad(const mx::array& weights, const mx::array& d_weigh
   if (weights.ndim() != 4 || d_weights.shape() != weights.shape()) {
     throw std::invalid_argument("weights and d_weights must both be (batch, heads, queries, keys)");
   }
-  auto w = float_rows(weights, "weights");
+  auto w = float_input(weights, "weights");
   auto row_shape = w.shape();
   row_shape.back() = 1;
-  auto rd = float_rows(mx::broadcast_to(row_dot, row_shape), "row_dot");
+  auto rd = float_input(mx::broadcast_to(row_dot, row_shape), "row_dot");
   auto stream = cpu_stream();
   return mx::array(w.shape(), mx::float32, std::make_shared<CausalSoftmaxGrad>(stream, offset),
-                   {w, float_rows(d_weights, "d_weights"), rd, pads_of(left_pad, w.shape(0))});
+                   {w, float_input(d_weights, "d_weights"), rd, pads_of(left_pad, w.shape(0))});
 }
 
 // The same row pass over whole rows (x (rows, width), no mask): the LM head's log-softmax chunks.

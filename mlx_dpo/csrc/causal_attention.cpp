@@ -518,14 +518,15 @@ class CausalAttention : public AttentionPrimitive {
   using AttentionPrimitive::AttentionPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto in = readable(inputs);
     for (auto& o : outputs) {
       allocate(o);
     }
-    const auto& q = inputs[0];
-    Shapes s = shapes_of(q, inputs[1]);
+    const auto& q = in[0];
+    Shapes s = shapes_of(q, in[1]);
     int d = static_cast<int>(q.shape(3));
-    encoder_for(inputs, outputs).dispatch([s, d, m = mask_of(s, inputs[3], mask_), q = q.data<float>(),
-                                           k = inputs[1].data<float>(), v = inputs[2].data<float>(),
+    encoder_for(inputs, outputs).dispatch([s, d, m = mask_of(s, in[3], mask_), q = q.data<float>(),
+                                           k = in[1].data<float>(), v = in[2].data<float>(),
                                            out = outputs[0].data<float>(), top = outputs[1].data<float>(),
                                            total = outputs[2].data<float>()]() {
       by_size(d, [&](auto size) { attention_forward<decltype(size)::value>(s, m, q, k, v, out, top, total); });
@@ -541,16 +542,17 @@ class CausalAttentionGrad : public AttentionPrimitive {
   using AttentionPrimitive::AttentionPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    reuse_or_allocate(outputs[0], inputs[6]);  // d_q may take d_out's buffer: each row block read before written
+    auto in = readable(inputs);
+    reuse_or_allocate(outputs[0], in[6]);  // d_q may take d_out's buffer: each row block read before written
     allocate(outputs[1]);
     allocate(outputs[2]);
-    const auto& q = inputs[0];
-    Shapes s = shapes_of(q, inputs[1]);
+    const auto& q = in[0];
+    Shapes s = shapes_of(q, in[1]);
     int d = static_cast<int>(q.shape(3));
     encoder_for(inputs, outputs).dispatch(
-        [s, d, m = mask_of(s, inputs[7], mask_), q = q.data<float>(), k = inputs[1].data<float>(),
-         v = inputs[2].data<float>(), out = inputs[3].data<float>(), top = inputs[4].data<float>(),
-         total = inputs[5].data<float>(), d_out = inputs[6].data<float>(), d_q = outputs[0].data<float>(),
+        [s, d, m = mask_of(s, in[7], mask_), q = q.data<float>(), k = in[1].data<float>(),
+         v = in[2].data<float>(), out = in[3].data<float>(), top = in[4].data<float>(),
+         total = in[5].data<float>(), d_out = in[6].data<float>(), d_q = outputs[0].data<float>(),
          d_k = outputs[1].data<float>(), d_v = outputs[2].data<float>()]() {
           by_size(d, [&](auto size) {
             attention_backward<decltype(size)::value>(s, m, q, k, v, out, top, total, d_out, d_q, d_k, d_v);
@@ -575,7 +577,7 @@ void check_attention(const mx::array& q, const mx::array& k, const mx::array& v,
   }
 }
 
-mx::array pads(const mx::array& left_pad) { return mx::contiguous(mx::astype(left_pad, mx::int32)); }
+mx::array pads(const mx::array& left_pad) { return mx::astype(left_pad, mx::int32); }
 
 MaskParams mask_params(int offset, int prompt, int split) {
   if (prompt > split) {
@@ -593,7 +595,7 @@ std::tuple<mx::array, mx::array, mx::array> causal_attention(const mx::array& q,
   auto outs = mx::array::make_arrays(
       {q.shape(), row_shape, row_shape}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<CausalAttention>(cpu_stream(), mask_params(offset, prompt, split)),
-      {float_rows(q, "q"), float_rows(k, "k"), float_rows(v, "v"), pads(left_pad)});
+      {float_input(q, "q"), float_input(k, "k"), float_input(v, "v"), pads(left_pad)});
   return {outs[0], outs[1], outs[2]};
 }
 
@@ -604,8 +606,8 @@ std::tuple<mx::array, mx::array, mx::array> causal_attention_grad(
   auto outs = mx::array::make_arrays(
       {q.shape(), k.shape(), v.shape()}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<CausalAttentionGrad>(cpu_stream(), mask_params(offset, prompt, split)),
-      {float_rows(q, "q"), float_rows(k, "k"), float_rows(v, "v"), float_rows(out, "out"), float_rows(top, "top"),
-       float_rows(total, "total"), float_rows(d_out, "d_out"), pads(left_pad)});
+      {float_input(q, "q"), float_input(k, "k"), float_input(v, "v"), float_input(out, "out"), float_input(top, "top"),
+       float_input(total, "total"), float_input(d_out, "d_out"), pads(left_pad)});
   return {outs[0], outs[1], outs[2]};
 }
 

@@ -46,10 +46,10 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// An output takes over a donatable input's buffer (same size, read before written, element by
-// element), else a fresh one.
+// An output takes over a donatable input's buffer (row-contiguous, same size, read before written,
+// element by element), else a fresh one.
 inline void reuse_or_allocate(mx::array& out, const mx::array& in) {
-  if (in.is_donatable() && in.nbytes() == out.nbytes()) {
+  if (in.is_donatable() && in.flags().row_contiguous && in.nbytes() == out.nbytes()) {
     out.copy_shared_buffer(in);
   } else {
     out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -57,6 +57,89 @@ inline void reuse_or_allocate(mx::array& out, const mx::array& in) {
 }
 
 inline void allocate(mx::array& out) { out.set_data(mx::allocator::malloc(out.nbytes())); }
+
+// A float32 input, checked when the graph is built. Its layout is only known once it is evaluated:
+// `row_contiguous` below makes it row-contiguous then, in the primitive. (mx::contiguous here would
+// add a node that shares the buffer, and so keep every input from being donated to an output.)
+inline const mx::array& float_input(const mx::array& a, const char* what) {
+  if (a.dtype() != mx::float32) {
+    throw std::invalid_argument(std::string(what) + " must be float32");
+  }
+  return a;
+}
+
+// Copies `a` (any strides, broadcasts included) into `out`, row-major.
+template <typename T>
+void strided_copy(const T* src, T* dst, const mx::Shape& shape, const mx::Strides& strides) {
+  int ndim = static_cast<int>(shape.size());
+  if (ndim == 0) {
+    *dst = *src;
+    return;
+  }
+  int64_t inner = shape[ndim - 1], step = strides[ndim - 1];
+  int64_t rows = 1;
+  for (int d = 0; d < ndim - 1; ++d) {
+    rows *= shape[d];
+  }
+  std::vector<int64_t> index(ndim, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t offset = 0;
+    for (int d = 0; d < ndim - 1; ++d) {
+      offset += index[d] * strides[d];
+    }
+    const T* s = src + offset;
+    for (int64_t j = 0; j < inner; ++j) {
+      dst[j] = s[j * step];
+    }
+    dst += inner;
+    for (int d = ndim - 2; d >= 0 && ++index[d] == shape[d]; --d) {
+      index[d] = 0;
+    }
+  }
+}
+
+// A row-major copy of `a`, made on the encoder's stream before the kernels dispatched after it.
+inline mx::array row_major_copy(const mx::array& a, mx::cpu::CommandEncoder& encoder) {
+  mx::array out(a.shape(), a.dtype(), nullptr, {});
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (a.dtype() == mx::int32) {
+    encoder.dispatch([src = a.data<int32_t>(), dst = out.data<int32_t>(), shape = a.shape(), strides = a.strides()]() {
+      strided_copy(src, dst, shape, strides);
+    });
+  } else {
+    encoder.dispatch([src = a.data<float>(), dst = out.data<float>(), shape = a.shape(), strides = a.strides()]() {
+      strided_copy(src, dst, shape, strides);
+    });
+  }
+  encoder.add_temporary(out);
+  return out;
+}
+
+// A primitive's inputs as its kernels read them: each one itself when row-contiguous (referred to,
+// not copied, so that `is_donatable` still sees one owner), else a row-major copy (MLX hands
+// primitives transposes, slices and broadcasts).
+class Readable {
+ public:
+  Readable(const std::vector<mx::array>& inputs, mx::cpu::CommandEncoder& encoder) {
+    copies_.reserve(inputs.size());  // no reallocation: arrays_ points into it
+    for (const auto& a : inputs) {
+      if (a.flags().row_contiguous) {
+        arrays_.push_back(&a);
+      } else {
+        copies_.push_back(row_major_copy(a, encoder));
+        arrays_.push_back(&copies_.back());
+      }
+    }
+  }
+  Readable(const Readable&) = delete;
+  Readable& operator=(const Readable&) = delete;
+
+  const mx::array& operator[](size_t i) const { return *arrays_[i]; }
+
+ private:
+  std::vector<mx::array> copies_;
+  std::vector<const mx::array*> arrays_;
+};
 
 // A primitive that runs on the CPU only and is equal (for mx.compile's common-subexpression pass)
 // to another of its kind with the same parameters, as `same_parameters` says.
@@ -75,6 +158,11 @@ class CpuPrimitive : public mx::Primitive {
  protected:
   virtual bool same_parameters(const mx::Primitive& other) const = 0;
 
+  // The inputs as the kernels read them: row-contiguous, copied first on this stream where not.
+  Readable readable(const std::vector<mx::array>& inputs) {
+    return Readable(inputs, mx::cpu::get_command_encoder(stream()));
+  }
+
   // This stream's encoder, told of every input and output (after the outputs have their buffers).
   mx::cpu::CommandEncoder& encoder_for(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
     auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -87,14 +175,6 @@ class CpuPrimitive : public mx::Primitive {
     return encoder;
   }
 };
-
-// A float32 input, row-contiguous (a copy only when it is not already).
-inline mx::array float_rows(const mx::array& a, const char* what) {
-  if (a.dtype() != mx::float32) {
-    throw std::invalid_argument(std::string(what) + " must be float32");
-  }
-  return mx::contiguous(a);
-}
 
 inline mx::Stream cpu_stream() { return mx::default_stream(mx::default_device()); }
 

@@ -78,11 +78,12 @@ class RMSNorm : public RMSNormPrimitive {
   using RMSNormPrimitive::RMSNormPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    const auto& x = inputs[0];
+    auto in = readable(inputs);
+    const auto& x = in[0];
     reuse_or_allocate(outputs[0], x);  // only when nothing else holds x (no backward will read it)
     allocate(outputs[1]);
     int d = static_cast<int>(x.shape(-1));
-    encoder_for(inputs, outputs).dispatch([x = x.data<float>(), w = inputs[1].data<float>(), y = outputs[0].data<float>(),
+    encoder_for(inputs, outputs).dispatch([x = x.data<float>(), w = in[1].data<float>(), y = outputs[0].data<float>(),
                                            inv = outputs[1].data<float>(), rows = x.size() / d, d, eps = eps_]() {
       rms_norm_rows(x, w, y, inv, rows, d, eps);
     });
@@ -96,12 +97,13 @@ class RMSNormGrad : public RMSNormPrimitive {
   using RMSNormPrimitive::RMSNormPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    const auto& x = inputs[0];
-    reuse_or_allocate(outputs[0], inputs[3]);
+    auto in = readable(inputs);
+    const auto& x = in[0];
+    reuse_or_allocate(outputs[0], in[3]);
     allocate(outputs[1]);
     int d = static_cast<int>(x.shape(-1));
-    encoder_for(inputs, outputs).dispatch([x = x.data<float>(), w = inputs[1].data<float>(), inv = inputs[2].data<float>(),
-                                           dy = inputs[3].data<float>(), dx = outputs[0].data<float>(),
+    encoder_for(inputs, outputs).dispatch([x = x.data<float>(), w = in[1].data<float>(), inv = in[2].data<float>(),
+                                           dy = in[3].data<float>(), dx = outputs[0].data<float>(),
                                            dw = outputs[1].data<float>(), rows = x.size() / d, d]() {
       rms_norm_grad_rows(x, w, inv, dy, dx, dw, rows, d);
     });
@@ -124,9 +126,9 @@ void check_norm_weight(const mx::array& x, const mx::array& w) {
 
 std::tuple<mx::array, mx::array> rms_norm(const mx::array& x, const mx::array& weight, float eps) {
   check_norm_weight(x, weight);
-  auto xs = float_rows(x, "x");
+  auto xs = float_input(x, "x");
   auto outs = mx::array::make_arrays({xs.shape(), row_shape(xs)}, {mx::float32, mx::float32},
-                                     std::make_shared<RMSNorm>(cpu_stream(), eps), {xs, float_rows(weight, "weight")});
+                                     std::make_shared<RMSNorm>(cpu_stream(), eps), {xs, float_input(weight, "weight")});
   return {outs[0], outs[1]};
 }
 
@@ -136,10 +138,10 @@ std::tuple<mx::array, mx::array> rms_norm_grad(const mx::array& x, const mx::arr
   if (d_y.shape() != x.shape() || inv.size() * x.shape(-1) != x.size()) {
     throw std::invalid_argument("rms_norm_grad: d_y must be x's shape and inv one number per row");
   }
-  auto xs = float_rows(x, "x");
+  auto xs = float_input(x, "x");
   auto outs = mx::array::make_arrays({xs.shape(), weight.shape()}, {mx::float32, mx::float32},
                                      std::make_shared<RMSNormGrad>(cpu_stream(), 0.0f),
-                                     {xs, float_rows(weight, "weight"), float_rows(inv, "inv"), float_rows(d_y, "d_y")});
+                                     {xs, float_input(weight, "weight"), float_input(inv, "inv"), float_input(d_y, "d_y")});
   return {outs[0], outs[1]};
 }
 
@@ -184,9 +186,10 @@ class SwiGLU : public SwiGLUPrimitive {
   using SwiGLUPrimitive::SwiGLUPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    reuse_or_allocate(outputs[0], inputs[0]);
-    encoder_for(inputs, outputs).dispatch([g = inputs[0].data<float>(), u = inputs[1].data<float>(),
-                                           out = outputs[0].data<float>(), n = inputs[0].size()]() {
+    auto in = readable(inputs);
+    reuse_or_allocate(outputs[0], in[0]);
+    encoder_for(inputs, outputs).dispatch([g = in[0].data<float>(), u = in[1].data<float>(),
+                                           out = outputs[0].data<float>(), n = in[0].size()]() {
       swiglu_rows(g, u, out, n);
     });
   }
@@ -199,11 +202,12 @@ class SwiGLUGrad : public SwiGLUPrimitive {
   using SwiGLUPrimitive::SwiGLUPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    reuse_or_allocate(outputs[0], inputs[2]);
-    reuse_or_allocate(outputs[1], inputs[1]);
-    encoder_for(inputs, outputs).dispatch([g = inputs[0].data<float>(), u = inputs[1].data<float>(),
-                                           d = inputs[2].data<float>(), dg = outputs[0].data<float>(),
-                                           du = outputs[1].data<float>(), n = inputs[0].size()]() {
+    auto in = readable(inputs);
+    reuse_or_allocate(outputs[0], in[2]);
+    reuse_or_allocate(outputs[1], in[1]);
+    encoder_for(inputs, outputs).dispatch([g = in[0].data<float>(), u = in[1].data<float>(),
+                                           d = in[2].data<float>(), dg = outputs[0].data<float>(),
+                                           du = outputs[1].data<float>(), n = in[0].size()]() {
       swiglu_grad_rows(g, u, d, dg, du, n);
     });
   }
@@ -220,7 +224,7 @@ void check_same_shape(const mx::array& a, const mx::array& b, const char* what) 
 mx::array swiglu(const mx::array& gate, const mx::array& up) {
   check_same_shape(gate, up, "swiglu");
   return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(cpu_stream()),
-                   {float_rows(gate, "gate"), float_rows(up, "up")});
+                   {float_input(gate, "gate"), float_input(up, "up")});
 }
 
 std::tuple<mx::array, mx::array> swiglu_grad(const mx::array& gate, const mx::array& up, const mx::array& d_out) {
@@ -228,7 +232,7 @@ std::tuple<mx::array, mx::array> swiglu_grad(const mx::array& gate, const mx::ar
   check_same_shape(gate, d_out, "swiglu_grad");
   auto outs = mx::array::make_arrays({gate.shape(), gate.shape()}, {mx::float32, mx::float32},
                                      std::make_shared<SwiGLUGrad>(cpu_stream()),
-                                     {float_rows(gate, "gate"), float_rows(up, "up"), float_rows(d_out, "d_out")});
+                                     {float_input(gate, "gate"), float_input(up, "up"), float_input(d_out, "d_out")});
   return {outs[0], outs[1]};
 }
 

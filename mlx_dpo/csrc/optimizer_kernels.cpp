@@ -36,16 +36,20 @@ struct Scalars {
 
 void adamw_pass(const AdamWParams& a, Scalars k, const float* g, const float* p, const float* m, const float* v,
                 float* p_out, float* m_out, float* v_out, int64_t n) {
-  float decay = 1.0f - k.lr * a.weight_decay;
+  // Locals, not the structs' fields: the outputs might alias those, so GCC would reload them every
+  // element and give up vectorising the loop.
+  const float decay = 1.0f - k.lr * a.weight_decay, scale = k.scale, c1 = k.c1, c2 = k.c2;
+  const float b1 = a.beta1, one_minus_b1 = a.one_minus_beta1, b2 = a.beta2, one_minus_b2 = a.one_minus_beta2;
+  const float eps = a.eps;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    float gi = g[i] * k.scale;
-    float mi = a.beta1 * m[i] + a.one_minus_beta1 * gi;
-    float vi = a.beta2 * v[i] + a.one_minus_beta2 * (gi * gi);
+    float gi = g[i] * scale;
+    float mi = b1 * m[i] + one_minus_b1 * gi;
+    float vi = b2 * v[i] + one_minus_b2 * (gi * gi);
     float pi = p[i] * decay;
     m_out[i] = mi;
     v_out[i] = vi;
-    p_out[i] = pi - (k.c1 * mi) / (std::sqrt(vi) * k.c2 + a.eps);
+    p_out[i] = pi - (c1 * mi) / (std::sqrt(vi) * c2 + eps);
   }
 }
 
@@ -62,15 +66,16 @@ class AdamW : public CpuPrimitive {
   // inputs: gradient, weight, m, v, then scalars: learning rate, c1, c2, gradient scale, ok;
   // outputs: weight, m, v
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto in = readable(inputs);
     for (int i = 0; i < 3; ++i) {
-      reuse_or_allocate(outputs[i], inputs[i + 1]);
+      reuse_or_allocate(outputs[i], in[i + 1]);
     }
     encoder_for(inputs, outputs).dispatch(
-        [a = params_, g = inputs[0].data<float>(), p = inputs[1].data<float>(), m = inputs[2].data<float>(),
-         v = inputs[3].data<float>(), lr = inputs[4].data<float>(), c1 = inputs[5].data<float>(),
-         c2 = inputs[6].data<float>(), scale = inputs[7].data<float>(), ok = inputs[8].data<bool>(),
+        [a = params_, g = in[0].data<float>(), p = in[1].data<float>(), m = in[2].data<float>(),
+         v = in[3].data<float>(), lr = in[4].data<float>(), c1 = in[5].data<float>(),
+         c2 = in[6].data<float>(), scale = in[7].data<float>(), ok = in[8].data<bool>(),
          p_out = outputs[0].data<float>(), m_out = outputs[1].data<float>(), v_out = outputs[2].data<float>(),
-         n = static_cast<int64_t>(inputs[0].size())]() {
+         n = static_cast<int64_t>(in[0].size())]() {
           if (*ok) {
             adamw_pass(a, Scalars{*lr, *c1, *c2, *scale}, g, p, m, v, p_out, m_out, v_out, n);
           } else {  // a non-finite gradient norm: everything stays as it was
@@ -92,19 +97,34 @@ class AdamW : public CpuPrimitive {
   AdamWParams params_;
 };
 
+// Float lanes over blocks of 4096 (vectorised), the blocks' sums in double: 135M squares summed
+// without float32's drift. A free function: written inside the dispatch lambda, GCC vectorised the
+// loop with gathers through the closure's pointer, at a sixth of memory speed.
+double sum_of_squares_pass(const float* x, int64_t n) {
+  constexpr int64_t kBlock = 4096;
+  double total = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    int64_t end = std::min(n, start + kBlock);
+    float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = start; i < end; ++i) {
+      part += x[i] * x[i];
+    }
+    total += part;
+  }
+  return total;
+}
+
 class SumOfSquares : public CpuPrimitive {
  public:
   using CpuPrimitive::CpuPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto in = readable(inputs);
     allocate(outputs[0]);
-    encoder_for(inputs, outputs).dispatch([x = inputs[0].data<float>(), out = outputs[0].data<float>(),
-                                           n = static_cast<int64_t>(inputs[0].size())]() {
-      double total = 0.0;  // double lanes: 135M squares summed without float32's drift
-#pragma omp simd reduction(+ : total)
-      for (int64_t i = 0; i < n; ++i) {
-        total += static_cast<double>(x[i]) * x[i];
-      }
+    encoder_for(inputs, outputs).dispatch([x = in[0].data<float>(), out = outputs[0].data<float>(),
+                                           n = static_cast<int64_t>(in[0].size())]() {
+      double total = sum_of_squares_pass(x, n);
       *out = static_cast<float>(total);
     });
   }
@@ -119,7 +139,7 @@ mx::array scalar_of(const mx::array& a, mx::Dtype dtype, const char* what) {
   if (a.size() != 1) {
     throw std::invalid_argument(std::string(what) + " must be a single number");
   }
-  return mx::contiguous(mx::reshape(mx::astype(a, dtype), {}));
+  return mx::reshape(mx::astype(a, dtype), {});
 }
 
 std::tuple<mx::array, mx::array, mx::array> adamw(const mx::array& gradient, const mx::array& weight,
@@ -134,7 +154,7 @@ std::tuple<mx::array, mx::array, mx::array> adamw(const mx::array& gradient, con
   auto outs = mx::array::make_arrays(
       {shape, shape, shape}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<AdamW>(cpu_stream(), AdamWParams{beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay}),
-      {float_rows(gradient, "gradient"), float_rows(weight, "weight"), float_rows(m, "m"), float_rows(v, "v"),
+      {float_input(gradient, "gradient"), float_input(weight, "weight"), float_input(m, "m"), float_input(v, "v"),
        scalar_of(learning_rate, mx::float32, "learning_rate"), scalar_of(c1, mx::float32, "c1"),
        scalar_of(c2, mx::float32, "c2"), scalar_of(scale, mx::float32, "scale"),
        scalar_of(ok, mx::bool_, "ok")});
@@ -142,7 +162,7 @@ std::tuple<mx::array, mx::array, mx::array> adamw(const mx::array& gradient, con
 }
 
 mx::array sum_of_squares(const mx::array& x) {
-  return mx::array({}, mx::float32, std::make_shared<SumOfSquares>(cpu_stream()), {float_rows(x, "x")});
+  return mx::array({}, mx::float32, std::make_shared<SumOfSquares>(cpu_stream()), {float_input(x, "x")});
 }
 
 }  // namespace
@@ -154,7 +174,8 @@ void add_optimizer_kernels(nb::module_& m) {
         "(weight, m, v) after MLX's AdamW step on gradient * scale: weight (1 - lr wd) - c1 m / (sqrt(v) c2 + eps) "
         "(c1 = lr / (1 - beta1^t), c2 = 1 / sqrt(1 - beta2^t) with bias correction; lr and 1 without); the "
         "inputs unchanged where ok is false.");
-  m.def("sum_of_squares", &sum_of_squares, nb::arg("x"), "sum(x^2) as a float32 scalar, accumulated in float64.");
+  m.def("sum_of_squares", &sum_of_squares, nb::arg("x"),
+        "sum(x^2) as a float32 scalar: float lanes over blocks of 4096, the blocks' sums in float64.");
 }
 
 }  // namespace mlx_dpo
