@@ -240,18 +240,16 @@ def _native_applies(queries: mx.array) -> bool:
 def _native_attention(offset: int, prompt: int = NO_SPLIT, split: int = NO_SPLIT):
     """Attention under native.py's causal (or, with `split`, shared-prompt) mask, forward and
     backward in C++; nothing but the output and two numbers per row kept for the backward."""
-    def kernel_mask():
-        return offset, prompt, split
+    mask = (offset, prompt, split)
 
     @mx.custom_function
     def attend(q_scaled, k, v, left_pad):
-        return native.kernels().causal_attention(q_scaled, k, v, left_pad, *kernel_mask())  # (out, row max, sum)
+        return native.kernels().causal_attention(q_scaled, k, v, left_pad, *mask)  # (out, row max, row sum)
 
     @attend.vjp
     def attend_vjp(primals, cotangents, outputs):
         q_scaled, k, v, left_pad = primals
-        grads = native.kernels().causal_attention_grad(q_scaled, k, v, *outputs, cotangents[0], left_pad,
-                                                       *kernel_mask())
+        grads = native.kernels().causal_attention_grad(q_scaled, k, v, *outputs, cotangents[0], left_pad, *mask)
         return (*grads, mx.zeros_like(left_pad))
 
     return attend

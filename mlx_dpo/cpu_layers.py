@@ -1,17 +1,19 @@
-"""RMSNorm, SwiGLU and RoPE in mlx-dpo's C++ kernels (native.py) inside its CPU forward passes.
+"""RMSNorm, SwiGLU and RoPE in mlx-dpo's C++ kernels (native.py) inside its CPU forward passes,
+and, for full fine-tuning, linear layers whose weight gradient comes out in the weight's layout.
 
-MLX's CPU backend computes each as a chain of ops, one pass over memory per op, and its
-`mx.fast.rms_norm` and `mx.fast.rope` fall back to those ops on the CPU: per layer of
-SmolLM2-135M at 376 tokens (one thread, forward and backward, scripts/bench_cpu_ops.py) RMSNorm
-took 1.1 ms, SwiGLU 3.6 ms, the query's RoPE 1.5 ms. The kernels read and write each row once:
-0.2, 1.0 and 0.4 ms. RoPE's backward also writes its gradient in the (batch, positions, heads,
-size) layout that the projection's backward reads, so that the head transpose costs no copy.
+MLX's CPU backend computes each of the three as a chain of ops, one pass over memory per op, and
+its `mx.fast.rms_norm` and `mx.fast.rope` fall back to those ops on the CPU: per layer of
+SmolLM2-135M at 376 tokens (one thread, forward and backward, a scratch timing) RMSNorm took
+1.1 ms, SwiGLU 3.6 ms, the queries' RoPE 1.5 ms. The kernels read and write each row once: 0.2,
+1.0 and 0.4 ms (docs/benchmarks.md, session 11). RoPE's backward also writes its gradient in the
+(batch, positions, heads, size) layout that the projection's backward reads, so that the head
+transpose costs no copy.
 
-`use_native_layers(model)` gives the model's plain `nn.RMSNorm` and `nn.RoPE` modules subclasses
-that take the kernels inside `cpu_kernels.installed` (mlx-dpo's own forward passes on the CPU)
-and behave as their parents everywhere else; `swiglu` and `swiglu_grad` serve cpu_kernels and
-cpu_lora. Without the kernels (`native.kernels()` is None: no compiler, `MLX_DPO_NATIVE=0`)
-everything runs on MLX ops as before.
+`use_native_layers(model)` gives the model's plain `nn.RMSNorm` and `nn.RoPE` modules (and, with
+`trained_linears`, its plain `nn.Linear` ones) subclasses that take these paths inside
+`cpu_kernels.installed` (mlx-dpo's own forward passes on the CPU) and behave as their parents
+everywhere else; `swiglu` and `swiglu_grad` serve cpu_kernels and cpu_lora. Without the kernels
+(`native.kernels()` is None: no compiler, `MLX_DPO_NATIVE=0`) everything runs on MLX ops as before.
 """
 from __future__ import annotations
 

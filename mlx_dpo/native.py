@@ -11,7 +11,7 @@ AdamW's step (optimizer_kernels.cpp, engines/mlx_fast.py). Together they took th
 step from 3.1-3.3 to 2.3-2.5 s (docs/benchmarks.md, session 11).
 
 Like MLX's own CPU `mx.compile`, which runs `g++` on generated source, this module compiles them
-on this machine the first time they are needed (~15 s here; the setup script does it ahead),
+on this machine the first time they are needed (~21 s here; the setup script does it ahead),
 with `-march=native`, against the MLX that is installed, through nanobind's sources in MLX's
 nanobind domain (`mlx`) so that the kernels take and return `mx.array`s. The shared library is a
 per-machine artefact, cached in `native_dir()` (not with the run caches of $MLX_DPO_CACHE_DIR),

@@ -236,12 +236,11 @@ def extra_sections(results: dict, earlier) -> list[str]:
 NOTES = """Scale: a token's matmul work grows with its context (attention's QK and PV products; the
 bench's FLOP count per token is given with the goal above), so constant seconds per token up to
 1024 means that the matmul rate rises with the length as fast as that work does; the GFLOP/s
-column shows it. Causal attention takes its queries in blocks of `compute.attention_block` rows
-(256), each scored only against the keys it can see (mlx_dpo/cpu_attention.py). Below 1024 x 1024
-scores per attention part (the shared-prompt row has two: prompt + chosen, and rejected against
-prompt + rejected) each block keeps its unnormalised softmax for the backward (at seq 256 a part
-is a single block); from 1024 x 1024 scores the blocks recompute it in the backward instead. See
-"Where a step's time goes" below.
+column shows it. Attention runs in mlx-dpo's C++ kernel (mlx_dpo/cpu_attention.py,
+csrc/causal_attention.cpp): each block of 16 query rows is scored only against the keys it can
+see (the shared-prompt row's rejected rows: the prompt's and their own), its softmax taken on the
+tiles, and the backward recomputes the weights, so nothing (queries x keys) is kept at any
+length. See "Where a step's time goes" below.
 
 How to read it: compare pairs/s, the one unit every trainer shares; tokens/s is each
 trainer's own count (mlx-dpo: every real token of the 2B sequences; mlx-lm-lora: its mask sum),
@@ -260,7 +259,8 @@ checkpointing; mlx-dpo clips gradients (max_grad_norm 1.0, as TRL does), mlx-lm-
 Rows with a slash change one setting (most switch a technique off): `plain` is the full-logits path with a live
 reference, no shared prompt, no compile, MLX's own exp and one CPU stream; `mlx-exp` turns
 mlx-dpo's CPU kernels off (`compute.fast_cpu_math`: the fast exp, attention's own VJP and blocks,
-LoRA's addmm, the vectorised row maxima and sums), leaving MLX's `exp` and mlx-lm's own layers; `one-stream` runs the
+LoRA's addmm, the vectorised row maxima and sums, and with them the C++ kernels), leaving MLX's
+`exp` and mlx-lm's own layers; `one-stream` runs the
 micro-batch on one CPU stream (`compute.cpu_streams: 1`); `sized-cache` sizes MLX's CPU buffer
 cache to the largest step's working set (`MLX_DPO_CPU_CACHE_FRACTION=0.25`, mlx-dpo's
 earlier default: see mlx_dpo/hardware.py) instead of MLX's 32 MiB default; `glibc-trim` leaves glibc's

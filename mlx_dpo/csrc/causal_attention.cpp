@@ -224,12 +224,6 @@ struct Mask {
       second = {split, std::min(i + offset, keys - 1)};
     }
   }
-
-  // The first query row that may see key j: the keys of a causal row and a rejected row's own keys
-  // are seen from their own position on; the prompt's by every later row.
-  int first_row(int j) const { return std::max(0, j - offset); }
-  // One past the last: the chosen part's keys are never seen by the rejected rows.
-  int last_row(int j, int queries) const { return j >= prompt && j < split ? std::min(split, queries) : queries; }
 };
 
 // The key columns a block of rows needs, as at most two spans (merged where they touch).

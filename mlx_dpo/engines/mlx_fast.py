@@ -14,9 +14,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from .. import native
 from ..completion import (Plan, can_share_prompt, completion_hidden, completion_logits, completion_logps,
                           has_plain_top, head_weight, make_plan)
-from .. import native
 from ..data.batching import Batch
 from ..head_logps import head_eval
 from ..logprobs import position_kl, token_logps
@@ -124,7 +124,7 @@ def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = (
     before the update; old and new arrays coexist during evaluation either way (MLX is
     functional), so this costs no extra peak memory. The arithmetic is MLX's own
     (`clip_grad_norm`'s normaliser, `optimizer.apply_single` per tensor, as `Optimizer.update`
-    does it); with `lanes` (CPU streams) the tensors are spread over them by size, so the
+    does it; on the CPU, native.py's one-pass AdamW, which gives the same bits); with `lanes` (CPU streams) the tensors are spread over them by size, so the
     elementwise passes over a full fine-tune's weights run on every core.
     """
     place = _placement(grads, lanes)
@@ -162,8 +162,9 @@ def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = (
 
 
 def _fused_adamw(optimizer):
-    """native.py's kernels where they can take AdamW's step: MLX's AdamW on the CPU. Its arithmetic is MLX's, bit for bit (tests/test_native.py), in one pass over each
-    weight instead of MLX's compiled ~10 ns per parameter (docs/benchmarks.md)."""
+    """native.py's kernels where they can take AdamW's step: MLX's AdamW on the CPU. Its arithmetic
+    is MLX's, bit for bit (tests/test_native.py), in one pass over each weight instead of MLX's
+    compiled kernels' ~10 ns per parameter (docs/benchmarks.md, session 11)."""
     if type(optimizer) is not optim.AdamW or mx.default_device() != mx.cpu:
         return None
     return native.kernels()
