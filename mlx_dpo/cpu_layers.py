@@ -28,7 +28,7 @@ from . import cpu_kernels, native
 NO_RESTART = 2**30  # a split past any sequence: positions never restart
 
 
-def _kernels(*arrays: mx.array):
+def kernels_for(*arrays: mx.array):
     """The C++ kernels when they apply to these arrays (float32, inside mlx-dpo's CPU passes)."""
     if not cpu_kernels.active() or any(a.dtype != mx.float32 for a in arrays):
         return None
@@ -39,13 +39,13 @@ def _kernels(*arrays: mx.array):
 
 def swiglu(gate: mx.array, up: mx.array) -> Optional[mx.array]:
     """silu(gate) * up in one pass, or None where the kernels do not apply."""
-    kernels = _kernels(gate, up)
+    kernels = kernels_for(gate, up)
     return None if kernels is None or gate.shape != up.shape else kernels.swiglu(gate, up)
 
 
 def swiglu_grad(gate: mx.array, up: mx.array, d_out: mx.array) -> Optional[tuple[mx.array, mx.array]]:
     """(d_gate, d_up) of silu(gate) * up in one pass, or None where the kernels do not apply."""
-    kernels = _kernels(gate, up, d_out)
+    kernels = kernels_for(gate, up, d_out)
     return None if kernels is None or gate.shape != up.shape else kernels.swiglu_grad(gate, up, d_out)
 
 
@@ -67,7 +67,7 @@ def _rms_norm(eps: float):
 
 class NativeRMSNorm(nn.RMSNorm):
     def __call__(self, x: mx.array) -> mx.array:
-        if _kernels(x, self.weight) is None:
+        if kernels_for(x, self.weight) is None:
             return super().__call__(x)
         return _rms_norm(float(self.eps))(x, self.weight)[0]
 
@@ -101,7 +101,7 @@ class NativeRoPE(nn.RoPE):
         """RoPE with positions offset.. for columns before `split` and restart.. from it, in one
         pass; None where the kernel does not apply (then the caller uses MLX's)."""
         if (self.traditional or x.ndim != 4 or x.shape[-1] != self.dims or not isinstance(offset, int)
-                or _kernels(x) is None):
+                or kernels_for(x) is None):
             return None
         return _rope(float(self.base), float(self.scale), int(offset), split, restart)(x)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import cpu_kernels, native
+from . import cpu_kernels, cpu_layers
 
 CHUNK_BYTES = 4 * 2**20  # float32 logits per chunk (measured, see docs/benchmarks.md)
 MIN_CHUNK = 1024  # rows of W: below this the chunk's matmuls get narrow
@@ -53,7 +53,7 @@ def _exp(x: mx.array) -> mx.array:
 def _softmax_parts(logits: mx.array):
     """(exp(logits - row max), row max, row sum): one C++ pass per row where native.py's kernels
     are built (inside mlx-dpo's CPU passes), else MLX ops on the fast exp."""
-    kernels = native.kernels() if cpu_kernels.active() else None
+    kernels = cpu_layers.kernels_for(logits)
     if kernels is not None:
         shifted_exp, top, total = kernels.row_softmax(logits)
         return shifted_exp, mx.stop_gradient(top), total

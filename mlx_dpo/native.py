@@ -87,9 +87,10 @@ def build(quiet: bool = False) -> Path:
         raise RuntimeError("no C++ compiler (g++) on PATH")
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     mlx_dir = Path(mx.__file__).resolve().parent  # the library links to this MLX by its path
+    flags = _flags()
     key = hashlib.sha256("\n".join([
-        *(path.read_text() for path in _sources(headers=True)), mx.__version__, str(mlx_dir), str(nanobind_dir), _nanobind_version(), suffix,
-        " ".join(_flags()), compiler,
+        *(path.read_text() for path in _sources(headers=True)), mx.__version__, str(mlx_dir), str(nanobind_dir),
+        _nanobind_version(), suffix, " ".join(flags), compiler,
     ]).encode()).hexdigest()[:16]
     out_dir = native_dir() / key
     target = out_dir / f"{MODULE}{suffix}"
@@ -102,7 +103,7 @@ def build(quiet: bool = False) -> Path:
         if not quiet:
             print("mlx-dpo: compiling its C++ CPU kernels for this machine (once, ~10-30 s)...", file=sys.stderr, flush=True)
         partial = out_dir / f"{MODULE}.partial{suffix}"
-        command = [compiler, *_flags(),
+        command = [compiler, *flags,
                    f"-I{nanobind_dir / 'include'}", f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
                    f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
                    str(nanobind_dir / "src" / "nb_combined.cpp"), *map(str, _sources()), "-o", str(partial),

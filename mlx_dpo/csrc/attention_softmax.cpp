@@ -117,24 +117,14 @@ class CausalSoftmaxGrad : public CausalRowsPrimitive {
   const char* name() const override { return "CausalSoftmaxGrad"; }
 };
 
-mx::array pads_of(const mx::array& left_pad, int batch) {
-  if (left_pad.ndim() != 1 || left_pad.shape(0) != batch) {
-    throw std::invalid_argument("left_pad must have one entry per batch row");
-  }
-  return mx::astype(left_pad, mx::int32);
-}
-
 std::vector<mx::array> causal_softmax(const mx::array& scores, const mx::array& left_pad, int offset) {
   if (scores.ndim() != 4) {
     throw std::invalid_argument("scores must be (batch, heads, queries, keys)");
   }
   auto s = float_input(scores, "scores");
-  auto pads = pads_of(left_pad, s.shape(0));
-  auto row_shape = s.shape();
-  row_shape.back() = 1;
-  auto stream = cpu_stream();
-  return mx::array::make_arrays({s.shape(), row_shape, row_shape}, {mx::float32, mx::float32, mx::float32},
-                                std::make_shared<CausalSoftmax>(stream, offset), {s, pads});
+  return mx::array::make_arrays({s.shape(), row_shape(s), row_shape(s)}, {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<CausalSoftmax>(cpu_stream(), offset),
+                                {s, left_pads(left_pad, s.shape(0))});
 }
 
 mx::array causal_softmax_grad(const mx::array& weights, const mx::array& d_weights, const mx::array& row_dot,
@@ -143,12 +133,9 @@ mx::array causal_softmax_grad(const mx::array& weights, const mx::array& d_weigh
     throw std::invalid_argument("weights and d_weights must both be (batch, heads, queries, keys)");
   }
   auto w = float_input(weights, "weights");
-  auto row_shape = w.shape();
-  row_shape.back() = 1;
-  auto rd = float_input(mx::broadcast_to(row_dot, row_shape), "row_dot");
-  auto stream = cpu_stream();
-  return mx::array(w.shape(), mx::float32, std::make_shared<CausalSoftmaxGrad>(stream, offset),
-                   {w, float_input(d_weights, "d_weights"), rd, pads_of(left_pad, w.shape(0))});
+  auto rd = float_input(mx::broadcast_to(row_dot, row_shape(w)), "row_dot");
+  return mx::array(w.shape(), mx::float32, std::make_shared<CausalSoftmaxGrad>(cpu_stream(), offset),
+                   {w, float_input(d_weights, "d_weights"), rd, left_pads(left_pad, w.shape(0))});
 }
 
 // The same row pass over whole rows (x (rows, width), no mask): the LM head's log-softmax chunks.

@@ -22,7 +22,7 @@
 
 #include <nanobind/stl/tuple.h>
 
-#include "common.h"
+#include "causal_rows.h"
 
 namespace mlx_dpo {
 
@@ -466,8 +466,6 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
   }
 }
 
-bool supported_size(int d) { return d == 32 || d == 64 || d == 128; }
-
 template <typename F>
 void by_size(int d, F&& f) {
   switch (d) {
@@ -557,21 +555,14 @@ class CausalAttentionGrad : public AttentionPrimitive {
   const char* name() const override { return "CausalAttentionGrad"; }
 };
 
-void check_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& left_pad) {
+void check_attention(const mx::array& q, const mx::array& k, const mx::array& v) {
   if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || k.shape(0) != q.shape(0) ||
       k.shape(3) != q.shape(3) || k.shape(1) == 0 || q.shape(1) % k.shape(1) != 0) {
     throw std::invalid_argument(
         "causal attention: q (batch, heads, T, D), k and v (batch, kv heads, S, D), heads a multiple of kv heads");
   }
-  if (!supported_size(static_cast<int>(q.shape(3)))) {
-    throw std::invalid_argument("causal attention: head size must be 32, 64 or 128");
-  }
-  if (left_pad.ndim() != 1 || left_pad.shape(0) != q.shape(0)) {
-    throw std::invalid_argument("left_pad must have one entry per batch row");
-  }
+  by_size(static_cast<int>(q.shape(3)), [](auto) {});  // throws for a head size without kernels
 }
-
-mx::array pads(const mx::array& left_pad) { return mx::astype(left_pad, mx::int32); }
 
 MaskParams mask_params(int offset, int prompt, int split) {
   if (prompt > split) {
@@ -583,25 +574,23 @@ MaskParams mask_params(int offset, int prompt, int split) {
 std::tuple<mx::array, mx::array, mx::array> causal_attention(const mx::array& q, const mx::array& k,
                                                              const mx::array& v, const mx::array& left_pad,
                                                              int offset, int prompt, int split) {
-  check_attention(q, k, v, left_pad);
-  auto row_shape = q.shape();
-  row_shape.back() = 1;
+  check_attention(q, k, v);
   auto outs = mx::array::make_arrays(
-      {q.shape(), row_shape, row_shape}, {mx::float32, mx::float32, mx::float32},
+      {q.shape(), row_shape(q), row_shape(q)}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<CausalAttention>(cpu_stream(), mask_params(offset, prompt, split)),
-      {float_input(q, "q"), float_input(k, "k"), float_input(v, "v"), pads(left_pad)});
+      {float_input(q, "q"), float_input(k, "k"), float_input(v, "v"), left_pads(left_pad, q.shape(0))});
   return {outs[0], outs[1], outs[2]};
 }
 
 std::tuple<mx::array, mx::array, mx::array> causal_attention_grad(
     const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& out, const mx::array& top,
     const mx::array& total, const mx::array& d_out, const mx::array& left_pad, int offset, int prompt, int split) {
-  check_attention(q, k, v, left_pad);
+  check_attention(q, k, v);
   auto outs = mx::array::make_arrays(
       {q.shape(), k.shape(), v.shape()}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<CausalAttentionGrad>(cpu_stream(), mask_params(offset, prompt, split)),
       {float_input(q, "q"), float_input(k, "k"), float_input(v, "v"), float_input(out, "out"), float_input(top, "top"),
-       float_input(total, "total"), float_input(d_out, "d_out"), pads(left_pad)});
+       float_input(total, "total"), float_input(d_out, "d_out"), left_pads(left_pad, q.shape(0))});
   return {outs[0], outs[1], outs[2]};
 }
 

@@ -9,6 +9,14 @@
 
 namespace mlx_dpo {
 
+// The rows' left paddings as the kernels read them, one int32 per batch row.
+inline mx::array left_pads(const mx::array& left_pad, int64_t batch) {
+  if (left_pad.ndim() != 1 || left_pad.shape(0) != batch) {
+    throw std::invalid_argument("left_pad must have one entry per batch row");
+  }
+  return mx::astype(left_pad, mx::int32);
+}
+
 struct Rows {
   int batch, heads, queries, keys, offset;
   const int32_t* left_pad;

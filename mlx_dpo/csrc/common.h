@@ -59,8 +59,8 @@ inline void reuse_or_allocate(mx::array& out, const mx::array& in) {
 inline void allocate(mx::array& out) { out.set_data(mx::allocator::malloc(out.nbytes())); }
 
 // A float32 input, checked when the graph is built. Its layout is only known once it is evaluated:
-// `row_contiguous` below makes it row-contiguous then, in the primitive. (mx::contiguous here would
-// add a node that shares the buffer, and so keep every input from being donated to an output.)
+// `Readable` below makes it row-contiguous then, in the primitive. (mx::contiguous here would add a
+// node that shares the buffer, and so keep every input from being donated to an output.)
 inline const mx::array& float_input(const mx::array& a, const char* what) {
   if (a.dtype() != mx::float32) {
     throw std::invalid_argument(std::string(what) + " must be float32");
@@ -68,7 +68,7 @@ inline const mx::array& float_input(const mx::array& a, const char* what) {
   return a;
 }
 
-// Copies `a` (any strides, broadcasts included) into `out`, row-major.
+// Copies the elements at src (any strides, broadcasts included) into dst, row-major.
 template <typename T>
 void strided_copy(const T* src, T* dst, const mx::Shape& shape, const mx::Strides& strides) {
   int ndim = static_cast<int>(shape.size());
@@ -177,6 +177,13 @@ class CpuPrimitive : public mx::Primitive {
 };
 
 inline mx::Stream cpu_stream() { return mx::default_stream(mx::default_device()); }
+
+// x's shape with a last axis of 1: one number per row.
+inline mx::Shape row_shape(const mx::array& x) {
+  auto shape = x.shape();
+  shape.back() = 1;
+  return shape;
+}
 
 void add_attention_kernels(nb::module_& m);
 void add_layer_kernels(nb::module_& m);

@@ -112,12 +112,6 @@ class RMSNormGrad : public RMSNormPrimitive {
   const char* name() const override { return "RMSNormGrad"; }
 };
 
-mx::Shape row_shape(const mx::array& x) {
-  auto shape = x.shape();
-  shape.back() = 1;
-  return shape;
-}
-
 void check_norm_weight(const mx::array& x, const mx::array& w) {
   if (x.ndim() < 1 || w.ndim() != 1 || w.shape(0) != x.shape(-1)) {
     throw std::invalid_argument("rms_norm: weight must be (d,) for x (..., d)");
