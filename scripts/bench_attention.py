@@ -11,7 +11,9 @@ scores per layer (`default` keeps that).
 Reference log-probs are fixed numbers attached to the pairs (what the cache would hold), so
 only the training step is timed; run scripts/bench.py once first (it converts the model).
 Prints, per block value, the first step (tracing included), the later steps and MLX's peak.
+FINETUNE=full in the environment times full fine-tuning instead of LoRA.
 """
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ def main() -> None:
     repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     work = bench.ROOT / ".bench"
     spec = bench.base_spec(work, work / "smollm2-135m-instruct", seq, batch, steps=repeats, warmup=1)
-    cfg = config_from_dict(bench_runners._mlx_dpo_config({**spec, "finetune": "lora"}, {}), source="bench")
+    cfg = config_from_dict(bench_runners._mlx_dpo_config({**spec, "finetune": os.environ.get("FINETUNE", "lora")}, {}), source="bench")
     engine = MLXEngine(cfg)
     threshold = sys.argv[5] if len(sys.argv) > 5 else "0"
     if threshold != "default":

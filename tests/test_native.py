@@ -171,6 +171,13 @@ def test_adamw_is_mlx_adamw_bit_for_bit_and_keeps_everything_when_not_ok(bias_co
     kept = _kernels().adamw(*args, mx.array(False), *consts)
     for ours, before in zip(kept, (weight, m, v)):
         np.testing.assert_array_equal(np.array(ours), np.array(before))
+    # in two parts (two CPU streams' gradients): added as mx.add adds them, so the same bits
+    part = mx.random.normal(weight.shape, key=mx.random.key(22))
+    two = _kernels().adamw(g - part, *args[1:], mx.array(True), *consts, gradient2=part)
+    state = {"m": m, "v": v}
+    expected = opt.apply_single(((g - part) + part) * mx.array(0.7), weight, state)
+    for ours, theirs in zip(two, (expected, state["m"], state["v"])):
+        np.testing.assert_array_equal(np.array(ours), np.array(theirs))
 
 
 @needs_build
@@ -178,6 +185,12 @@ def test_sum_of_squares_is_the_float64_sum():
     x = mx.random.normal((1000, 777), key=mx.random.key(21)) * 3.0
     expected = (np.array(x, dtype=np.float64) ** 2).sum()
     np.testing.assert_allclose(_kernels().sum_of_squares(x).item(), expected, rtol=1e-7)
+    y = mx.random.normal((1000, 777), key=mx.random.key(23))
+    both = np.array(x - y, dtype=np.float32) + np.array(y)  # in float32, as the kernel adds them
+    np.testing.assert_allclose(_kernels().sum_of_squares(x - y, y).item(), (both.astype(np.float64) ** 2).sum(),
+                               rtol=1e-7)
+    with pytest.raises(ValueError, match="one shape"):
+        _kernels().sum_of_squares(x, y[:10])
 
 
 def _masked_attention(q, k, v, keep):
@@ -294,7 +307,10 @@ def test_switched_off_or_failing_builds_fall_back_with_a_reason(monkeypatch, tmp
 
 
 @needs_build
-def test_guarded_update_takes_the_same_steps_through_the_fused_adamw(monkeypatch):
+@pytest.mark.parametrize("streams", [1, 2])
+def test_guarded_update_takes_the_same_steps_through_the_fused_adamw(monkeypatch, streams):
+    """With two CPU streams' gradient parts the fused kernels add them as they read them; the
+    plain path adds them first: the steps must agree either way."""
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
@@ -312,11 +328,13 @@ def test_guarded_update_takes_the_same_steps_through_the_fused_adamw(monkeypatch
         norms = []
         for i in range(3):
             x = mx.random.normal((4, 16), key=mx.random.key(i))
-            _, grads = nn.value_and_grad(model, lambda x: model(x).square().sum())(x)
+            parts = [nn.value_and_grad(model, lambda x: model(x).square().sum())(x[mx.array(rows)])[1]
+                     for rows in np.array_split(np.arange(4), streams)]
             if i == 2:  # a non-finite gradient: refused, nothing moves
-                grads = {**grads, "layers": [{**grads["layers"][0], "bias": grads["layers"][0]["bias"] * mx.inf},
-                                             grads["layers"][1]]}
-            norm, ok = mlx_fast.guarded_update(opt, model, grads, max_norm=1.0)  # clipping: norms are > 1
+                grads = parts[-1]
+                parts[-1] = {**grads, "layers": [{**grads["layers"][0], "bias": grads["layers"][0]["bias"] * mx.inf},
+                                                 grads["layers"][1]]}
+            norm, ok = mlx_fast.guarded_update(opt, model, parts, max_norm=1.0)  # clipping: norms are > 1
             mx.eval(model.parameters(), opt.state)
             norms.append((norm.item(), ok.item()))
         return dict(tree_flatten(model.parameters())), norms, opt.state["step"].item()

@@ -80,7 +80,7 @@ class CausalSoftmax : public CausalRowsPrimitive {
   using CausalRowsPrimitive::CausalRowsPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto in = readable(inputs);
+    auto in = readable(inputs, outputs);
     const auto& scores = in[0];
     const auto& left_pad = in[1];
     auto& weights = outputs[0];
@@ -102,7 +102,7 @@ class CausalSoftmaxGrad : public CausalRowsPrimitive {
   using CausalRowsPrimitive::CausalRowsPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto in = readable(inputs);
+    auto in = readable(inputs, outputs);
     const auto& weights = in[0];
     const auto& d_weights = in[1];
     const auto& row_dot = in[2];

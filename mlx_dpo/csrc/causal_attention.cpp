@@ -303,7 +303,10 @@ void transpose_keys(const float* k, int keys, int depth, float* kt, int64_t ldt)
   }
 }
 
-int64_t padded(int keys) { return (keys + kTileCols - 1) / kTileCols * kTileCols; }
+// The row stride of the transposed keys and of the score blocks: the keys padded to whole tiles, plus
+// 16 floats so that consecutive rows never sit a multiple of 4 KiB apart. At such strides (1024
+// keys) the rows a tile walks all fall in one L1 cache set and evict each other.
+int64_t row_stride(int keys) { return (keys + kTileCols - 1) / kTileCols * kTileCols + 16; }
 
 struct Shapes {
   int batch, heads, kv_heads, queries, keys;
@@ -368,8 +371,8 @@ void transposed_rows(const float* p, int64_t ldp, int rows, const Spans& spans, 
 template <int D>
 void attention_forward(const Shapes& s, const Mask& m, const float* q, const float* k, const float* v, float* out,
                        float* top, float* total) {
-  int64_t ldt = padded(s.keys);
-  std::vector<float> kt(D * ldt), scores(static_cast<size_t>(kBlockRows) * s.keys);
+  const int64_t ldt = row_stride(s.keys);
+  std::vector<float> kt(D * ldt), scores(kBlockRows * ldt);
   float inv[kBlockRows];
   for (int b = 0; b < s.batch; ++b) {
     for (int kv = 0; kv < s.kv_heads; ++kv) {
@@ -383,16 +386,16 @@ void attention_forward(const Shapes& s, const Mask& m, const float* q, const flo
           Spans spans = block_spans(m, b, i0, rows);
           const float* q0 = q + (head * s.queries + i0) * D;
           for (int c = 0; c < spans.count; ++c) {
-            score_rows(q0, D, rows, kt.data(), ldt, D, spans.span[c].lo, spans.span[c].hi + 1, scores.data(), s.keys);
+            score_rows(q0, D, rows, kt.data(), ldt, D, spans.span[c].lo, spans.span[c].hi + 1, scores.data(), ldt);
           }
           for (int r = 0; r < rows; ++r) {
             Range first, second;
             m.ranges(b, i0 + r, first, second);
             int64_t row = head * s.queries + i0 + r;
-            total[row] = exp_row(scores.data() + r * s.keys, spans, first, second, top[row], true);
+            total[row] = exp_row(scores.data() + r * ldt, spans, first, second, top[row], true);
             inv[r] = 1.0f / total[row];
           }
-          product_rows<D>(scores.data(), s.keys, rows, spans, vh, out + (head * s.queries + i0) * D, inv);
+          product_rows<D>(scores.data(), ldt, rows, spans, vh, out + (head * s.queries + i0) * D, inv);
         }
       }
     }
@@ -403,8 +406,8 @@ template <int D>
 void attention_backward(const Shapes& s, const Mask& m, const float* q, const float* k, const float* v,
                         const float* out, const float* top, const float* total, const float* d_out, float* d_q,
                         float* d_k, float* d_v) {
-  int64_t ldt = padded(s.keys);
-  size_t block = static_cast<size_t>(kBlockRows) * s.keys;
+  const int64_t ldt = row_stride(s.keys);
+  const size_t block = kBlockRows * ldt;
   std::vector<float> kt(D * ldt), vt(D * ldt), weights(block), d_scores(block), d_out_scaled(kBlockRows * D);
   std::fill(d_k, d_k + static_cast<int64_t>(s.batch) * s.kv_heads * s.keys * D, 0.0f);
   std::fill(d_v, d_v + static_cast<int64_t>(s.batch) * s.kv_heads * s.keys * D, 0.0f);
@@ -439,16 +442,16 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
           }
           for (int c = 0; c < spans.count; ++c) {  // W again from the scores (nothing kept), and dO V^T
             const Range& cols = spans.span[c];
-            score_rows(q0, D, rows, kt.data(), ldt, D, cols.lo, cols.hi + 1, weights.data(), s.keys);
-            score_rows(d_out_scaled.data(), D, rows, vt.data(), ldt, D, cols.lo, cols.hi + 1, d_scores.data(), s.keys);
+            score_rows(q0, D, rows, kt.data(), ldt, D, cols.lo, cols.hi + 1, weights.data(), ldt);
+            score_rows(d_out_scaled.data(), D, rows, vt.data(), ldt, D, cols.lo, cols.hi + 1, d_scores.data(), ldt);
           }
           for (int r = 0; r < rows; ++r) {
             Range first, second;
             m.ranges(b, i0 + r, first, second);
             float t = top[row0 + r];
-            float* w = weights.data() + r * s.keys;
+            float* w = weights.data() + r * ldt;
             exp_row(w, spans, first, second, t, false);
-            float* ds = d_scores.data() + r * s.keys;
+            float* ds = d_scores.data() + r * ldt;
             float rd = row_dot[r];
             for (int c = 0; c < spans.count; ++c) {
 #pragma omp simd
@@ -457,9 +460,9 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
               }
             }
           }
-          product_rows<D>(d_scores.data(), s.keys, rows, spans, kh, d_q + row0 * D, nullptr);  // dQ = dS K
-          transposed_rows<D>(d_scores.data(), s.keys, rows, spans, q0, dkh);                  // dK += dS^T Q
-          transposed_rows<D>(weights.data(), s.keys, rows, spans, d_out_scaled.data(), dvh);  // dV += P^T dO
+          product_rows<D>(d_scores.data(), ldt, rows, spans, kh, d_q + row0 * D, nullptr);  // dQ = dS K
+          transposed_rows<D>(d_scores.data(), ldt, rows, spans, q0, dkh);                  // dK += dS^T Q
+          transposed_rows<D>(weights.data(), ldt, rows, spans, d_out_scaled.data(), dvh);  // dV += P^T dO
         }
       }
     }
@@ -510,7 +513,7 @@ class CausalAttention : public AttentionPrimitive {
   using AttentionPrimitive::AttentionPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto in = readable(inputs);
+    auto in = readable(inputs, outputs);
     for (auto& o : outputs) {
       allocate(o);
     }
@@ -534,7 +537,7 @@ class CausalAttentionGrad : public AttentionPrimitive {
   using AttentionPrimitive::AttentionPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto in = readable(inputs);
+    auto in = readable(inputs, outputs);
     reuse_or_allocate(outputs[0], in[6]);  // d_q may take d_out's buffer: each row block read before written
     allocate(outputs[1]);
     allocate(outputs[2]);

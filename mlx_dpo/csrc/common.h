@@ -159,7 +159,19 @@ class CpuPrimitive : public mx::Primitive {
   virtual bool same_parameters(const mx::Primitive& other) const = 0;
 
   // The inputs as the kernels read them: row-contiguous, copied first on this stream where not.
-  Readable readable(const std::vector<mx::array>& inputs) {
+  //
+  // First the other outputs let go of their copies of the input list. MLX gives each output of a
+  // primitive its own list, so with three outputs every input has three owners and `is_donatable`
+  // refuses it: AdamW's weight and moments were never updated in place, and each step mapped and
+  // zeroed fresh pages for them. MLX evaluates all outputs in this one call and then detaches
+  // them, so nothing reads those lists again; `inputs` itself (the evaluated output's) stays. A
+  // tracer (evaluated inside a function being transformed) keeps its graph: MLX does not detach it.
+  Readable readable(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+    for (auto& out : outputs) {
+      if (&out.inputs() != &inputs && !out.is_tracer()) {
+        out.inputs().clear();
+      }
+    }
     return Readable(inputs, mx::cpu::get_command_encoder(stream()));
   }
 

@@ -78,7 +78,7 @@ class RMSNorm : public RMSNormPrimitive {
   using RMSNormPrimitive::RMSNormPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto in = readable(inputs);
+    auto in = readable(inputs, outputs);
     const auto& x = in[0];
     reuse_or_allocate(outputs[0], x);  // only when nothing else holds x (no backward will read it)
     allocate(outputs[1]);
@@ -97,7 +97,7 @@ class RMSNormGrad : public RMSNormPrimitive {
   using RMSNormPrimitive::RMSNormPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto in = readable(inputs);
+    auto in = readable(inputs, outputs);
     const auto& x = in[0];
     reuse_or_allocate(outputs[0], in[3]);
     allocate(outputs[1]);
@@ -180,7 +180,7 @@ class SwiGLU : public SwiGLUPrimitive {
   using SwiGLUPrimitive::SwiGLUPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto in = readable(inputs);
+    auto in = readable(inputs, outputs);
     reuse_or_allocate(outputs[0], in[0]);
     encoder_for(inputs, outputs).dispatch([g = in[0].data<float>(), u = in[1].data<float>(),
                                            out = outputs[0].data<float>(), n = in[0].size()]() {
@@ -196,7 +196,7 @@ class SwiGLUGrad : public SwiGLUPrimitive {
   using SwiGLUPrimitive::SwiGLUPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto in = readable(inputs);
+    auto in = readable(inputs, outputs);
     reuse_or_allocate(outputs[0], in[2]);
     reuse_or_allocate(outputs[1], in[1]);
     encoder_for(inputs, outputs).dispatch([g = in[0].data<float>(), u = in[1].data<float>(),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,7 +20,7 @@ from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
 from ..preference_gap import pair_gaps
 from .cpu_streams import CpuStreams, on_stream
-from .mlx_fast import FastPath, UpdateStep, merge_optimizer_state
+from .mlx_fast import FastPath, UpdateStep, added, merge_optimizer_state
 
 
 class MLXEngine:
@@ -93,15 +94,15 @@ class MLXEngine:
 
     def _forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         parts = self.cpu_streams.split(batch)
-        grads = stats = None
+        grads, stats = [], None
         with self.cpu_streams.running(parts):
             for stream, part in parts:
                 with on_stream(stream):
                     part_grads, aux = self._part_grads(part, global_pairs)
                     part_stats = _sums(*aux, part)
-                grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
+                grads.append(part_grads)
                 stats = part_stats if stats is None else {k: stats[k] + v for k, v in part_stats.items()}
-            self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+            self._grads = _accumulated(self._grads, grads)
             mx.eval(self._grads, stats)
         return {k: float(v) for k, v in stats.items()}
 
@@ -120,7 +121,7 @@ class MLXEngine:
         if skip:
             return float("nan"), False
         if self.group is not None:  # few large all-sums, not one per tensor (distributed/exchange.py)
-            grads = sum_over_ranks(grads, self.group)
+            grads = [sum_over_ranks(added(grads), self.group)]
         self.optimizer.learning_rate = mx.array(learning_rate, dtype=mx.float32)
         # One evaluation for norm, clip and step: a non-finite norm is refused inside the graph.
         norm, ok = self._update(grads)
@@ -188,6 +189,19 @@ class MLXEngine:
 
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 2**30
+
+
+def _accumulated(held: Optional[list], new: list) -> list:
+    """Gradient parts after adding `new` (one tree per CPU stream) to `held`, stream by stream.
+
+    The parts stay apart until the optimizer, whose fused kernels add them as they read them
+    (mlx_fast.guarded_update); a count that changes between micro-batches folds them into one.
+    """
+    if held is None:
+        return new
+    if len(held) == len(new):
+        return [tree_map(mx.add, a, b) for a, b in zip(held, new)]
+    return [added(held + new)]
 
 
 def _sums(losses, chosen_r, rejected_r, logps, batch: Batch) -> dict:

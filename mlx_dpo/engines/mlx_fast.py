@@ -6,13 +6,14 @@ can be made (completions are contiguous runs, the model's top is a plain body + 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .. import native
 from ..completion import (Plan, can_share_prompt, completion_hidden, completion_logits, completion_logps,
@@ -117,8 +118,12 @@ class FastPath:
         return (per_token * mx.array(plan.weights)).sum(axis=-1)
 
 
-def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = ()):
+def guarded_update(optimizer, model, parts: Sequence, max_norm: float, lanes: Sequence = ()):
     """Clip and step lazily; a non-finite norm leaves weights and optimizer state as they were.
+
+    `parts` are gradient trees that add up to the gradient: one per CPU stream that made them
+    (MLXEngine keeps them apart). The fused AdamW and norm kernels add two parts as they read
+    them, which saves a pass that writes the sum; elsewhere the parts are added first.
 
     The finiteness test is an `mx.where` inside the graph, so the step needs no host round-trip
     before the update; old and new arrays coexist during evaluation either way (MLX is
@@ -127,12 +132,18 @@ def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = (
     does it; on the CPU, native.py's one-pass AdamW, which gives the same bits); with `lanes` (CPU streams) the tensors are spread over them by size, so the
     elementwise passes over a full fine-tune's weights run on every core.
     """
-    place = _placement(grads, lanes)
     kernels = _fused_adamw(optimizer)
+    grads, second = _two_parts(parts) if kernels else (added(parts), None)
+    place = _placement(grads, lanes)
+    second_of = dict(tree_flatten(second)) if second is not None else {}
     squares = []
     for path, g in tree_flatten(grads):
         with on_stream(place[path]):
-            squares.append(kernels.sum_of_squares(g) if kernels and g.dtype == mx.float32 else g.square().sum())
+            if kernels and g.dtype == mx.float32:
+                squares.append(kernels.sum_of_squares(g, second_of.get(path)))
+            else:
+                g = g + second_of[path] if path in second_of else g
+                squares.append(g.square().sum())
     norm = mx.sqrt(sum(squares))
     normalizer = mx.minimum(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else None
     ok = mx.isfinite(norm)
@@ -147,8 +158,10 @@ def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = (
                 b1, b2 = optimizer.betas
                 new_p, state["m"], state["v"] = kernels.adamw(
                     g, p, state["m"], state["v"], lr, *corrections, mx.array(1.0) if normalizer is None else normalizer,
-                    ok, b1, 1 - b1, b2, 1 - b2, optimizer.eps, optimizer.weight_decay)
+                    ok, b1, 1 - b1, b2, 1 - b2, optimizer.eps, optimizer.weight_decay, second_of.get(path))
                 return new_p
+            if path in second_of:
+                g = g + second_of[path]
             old_m, old_v = state["m"], state["v"]
             if normalizer is not None:
                 g = (g * normalizer).astype(g.dtype)
@@ -159,6 +172,17 @@ def guarded_update(optimizer, model, grads, max_norm: float, lanes: Sequence = (
     model.update(tree_map_with_path(step_one, grads, model.trainable_parameters(), optimizer.state))
     optimizer.state["step"] = mx.where(ok, optimizer.state["step"], old_step)
     return norm, ok
+
+
+def added(parts: Sequence):
+    """One gradient tree: the parts' sum."""
+    return functools.reduce(lambda a, b: tree_map(mx.add, a, b), parts)
+
+
+def _two_parts(parts: Sequence) -> tuple:
+    """(first, second or None): the parts as the fused kernels take them, a third onwards added to
+    the second."""
+    return parts[0], (added(parts[1:]) if len(parts) > 1 else None)
 
 
 def _fused_adamw(optimizer):
@@ -223,12 +247,13 @@ class UpdateStep:
         self.lanes = lanes
         self._fn, self._state = None, None
 
-    def __call__(self, grads):
+    def __call__(self, parts: Sequence):
+        """The step on the gradient that `parts` (trees, e.g. one per CPU stream) add up to."""
         if not self.compile:
-            return guarded_update(self.optimizer, self.model, grads, self.max_norm, self.lanes)
+            return guarded_update(self.optimizer, self.model, parts, self.max_norm, self.lanes)
         if self._state is not self.optimizer.state:  # load_state replaces the dict: retrace
             self._state = self.optimizer.state
             state = [self.model.state, self.optimizer.state]
             self._fn = mx.compile(lambda g: guarded_update(self.optimizer, self.model, g, self.max_norm, self.lanes),
                                   inputs=state, outputs=state)
-        return self._fn(grads)
+        return self._fn(parts)
