@@ -367,3 +367,21 @@ def test_the_portable_build_without_avx512_computes_the_same_attention(monkeypat
     ours = portable.causal_attention_grad(q, k, v, out, top, total, d_out, left_pad, 0, NO_SPLIT, NO_SPLIT)
     for a, e in zip(ours, grads):
         np.testing.assert_allclose(np.array(a), np.array(e), atol=1e-5 * max(float(mx.abs(e).max()), 1.0))
+
+
+@needs_build
+def test_adamw_updates_weight_and_moments_in_place_when_nothing_else_holds_them():
+    """A multi-output primitive's inputs are donated (common.h's `readable` drops the other
+    outputs' copies of the input list): no new buffers for the three outputs."""
+    n = 4_000_000  # 16 MB each
+    g, p, m, v = (mx.random.normal((n,), key=mx.random.key(30 + i)) for i in range(4))
+    mx.eval(g, p, m, v)
+    one = mx.array(1.0)
+    held = p  # a second owner: the kernel must not overwrite it
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    p, m, v = _kernels().adamw(g, p, m, v, mx.array(1e-3), mx.array(1e-3), one, one, mx.array(True),
+                               0.9, 0.1, 0.999, 0.001, 1e-8, 0.0)
+    mx.eval(p, m, v)
+    assert mx.get_peak_memory() - before == pytest.approx(4 * n, rel=0.01)  # only the held weight is copied
+    assert not np.array_equal(np.array(p), np.array(held))
