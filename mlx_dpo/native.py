@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -45,6 +46,10 @@ MODULE = "_native"
 # -fopenmp-simd: the row loops' max and sum reductions vectorise without -ffast-math.
 FLAGS = ["-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared",
          "-fvisibility=hidden", "-fno-strict-aliasing", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx"]
+# On x86, GCC vectorises loops 256 bits wide even where -march=native has AVX-512; the full width
+# took the attention's forward and backward from 88 to 98 GFLOP/s at 1024 tokens (exp and masks in
+# the row loops; docs/benchmarks.md, session 12).
+X86_FLAGS = ["-mprefer-vector-width=512"]
 
 FALLBACK = "attention, norms, SwiGLU, RoPE and AdamW run on MLX ops (slower)"
 
@@ -119,7 +124,8 @@ def build(quiet: bool = False) -> Path:
 
 def _flags() -> list[str]:
     """FLAGS, then $MLX_DPO_NATIVE_CXXFLAGS (e.g. -mno-avx512f: the plain C++ tiles instead of AVX-512)."""
-    return FLAGS + shlex.split(os.environ.get("MLX_DPO_NATIVE_CXXFLAGS", ""))
+    arch = X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else []
+    return FLAGS + arch + shlex.split(os.environ.get("MLX_DPO_NATIVE_CXXFLAGS", ""))
 
 
 def _sources(headers: bool = False) -> list[Path]:

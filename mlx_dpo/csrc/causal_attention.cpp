@@ -303,10 +303,10 @@ void transpose_keys(const float* k, int keys, int depth, float* kt, int64_t ldt)
   }
 }
 
-// The row stride of the transposed keys and of the score blocks: the keys padded to whole tiles, plus
-// 16 floats so that consecutive rows never sit a multiple of 4 KiB apart. At such strides (1024
-// keys) the rows a tile walks all fall in one L1 cache set and evict each other.
-int64_t row_stride(int keys) { return (keys + kTileCols - 1) / kTileCols * kTileCols + 16; }
+// The row stride of the transposed keys and of the score blocks: room for a whole tile from any
+// key column (tiles start where a span starts), plus 16 floats so that consecutive rows never sit
+// a multiple of 4 KiB apart, where the rows a tile walks would share one L1 cache set.
+int64_t row_stride(int keys) { return (keys + kTileCols - 1) / kTileCols * kTileCols + kTileCols + 16; }
 
 struct Shapes {
   int batch, heads, kv_heads, queries, keys;
@@ -402,16 +402,63 @@ void attention_forward(const Shapes& s, const Mask& m, const float* q, const flo
   }
 }
 
+// For the backward, per tile of (up to) kTileRows rows x kTileCols keys and in cache: the weights
+// W = exp(S - row max) recomputed from the scores, masked, and dS = W (dP - rowdot) from the tile
+// of dP = dO V^T, written to `weights` and `d_scores` (ld rows) at the tile's columns.
+struct BackwardRows {
+  const float* top;      // row max of each row
+  const float* row_dot;  // rowsum(dO * O) / l of each row
+  const Range* first;    // the keys each row sees
+  const Range* second;
+};
+
+void backward_tiles(const float* q, const float* d_out_scaled, int depth, int rows, const float* kt,
+                    const float* vt, int64_t ldt, int c0, int c1, const BackwardRows& r, float* weights,
+                    float* d_scores) {
+  alignas(64) float s_tile[kTileRows * kTileCols], p_tile[kTileRows * kTileCols];
+  for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+    const int n = std::min(kTileRows, rows - r0);
+    for (int c = c0; c < c1; c += kTileCols) {
+      const int width = std::min(kTileCols, c1 - c);
+      score_rows(q + r0 * depth, depth, n, kt + c, ldt, depth, 0, kTileCols, s_tile, kTileCols);
+      score_rows(d_out_scaled + r0 * depth, depth, n, vt + c, ldt, depth, 0, kTileCols, p_tile, kTileCols);
+      for (int i = 0; i < n; ++i) {
+        const int row = r0 + i;
+        const float t = r.top[row], rd = r.row_dot[row];
+        const int a_lo = r.first[row].lo - c, a_hi = r.first[row].hi - c;  // tile-relative: the loop vectorises
+        const int b_lo = r.second[row].lo - c, b_hi = r.second[row].hi - c;
+        const float* st = s_tile + i * kTileCols;
+        const float* pt = p_tile + i * kTileCols;
+        float* w = weights + row * ldt + c;
+        float* ds = d_scores + row * ldt + c;
+#pragma omp simd
+        for (int j = 0; j < width; ++j) {
+          float x = st[j] - t;
+          float e = exp_nonpositive(x < 0.0f ? x : 0.0f);  // masked keys may score above the maximum
+          int seen = ((j >= a_lo) & (j <= a_hi)) | ((j >= b_lo) & (j <= b_hi));
+          e = seen ? e : 0.0f;
+          w[j] = e;
+          ds[j] = e * (pt[j] - rd);
+        }
+      }
+    }
+  }
+}
+
+// The backward goes a block of query rows at a time for all heads that share a kv head together
+// (grouped-query attention): their rows are stacked, so that the key and value gradients'
+// register tiles run over group x kBlockRows rows per load and store of their accumulators.
 template <int D>
 void attention_backward(const Shapes& s, const Mask& m, const float* q, const float* k, const float* v,
                         const float* out, const float* top, const float* total, const float* d_out, float* d_q,
                         float* d_k, float* d_v) {
   const int64_t ldt = row_stride(s.keys);
-  const size_t block = kBlockRows * ldt;
-  std::vector<float> kt(D * ldt), vt(D * ldt), weights(block), d_scores(block), d_out_scaled(kBlockRows * D);
+  const int group = s.group(), stacked = group * kBlockRows;
+  std::vector<float> kt(D * ldt), vt(D * ldt), weights(stacked * ldt), d_scores(stacked * ldt);
+  std::vector<float> q_rows(stacked * D), d_out_scaled(stacked * D), row_top(stacked), row_dot(stacked);
+  std::vector<Range> first(stacked), second(stacked);
   std::fill(d_k, d_k + static_cast<int64_t>(s.batch) * s.kv_heads * s.keys * D, 0.0f);
   std::fill(d_v, d_v + static_cast<int64_t>(s.batch) * s.kv_heads * s.keys * D, 0.0f);
-  float row_dot[kBlockRows];
   for (int b = 0; b < s.batch; ++b) {
     for (int kv = 0; kv < s.kv_heads; ++kv) {
       const int64_t kv_row = static_cast<int64_t>(b) * s.kv_heads + kv;
@@ -420,50 +467,42 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
       transpose_keys(v + kv_row * s.keys * D, s.keys, D, vt.data(), ldt);
       float* dkh = d_k + kv_row * s.keys * D;
       float* dvh = d_v + kv_row * s.keys * D;
-      for (int g = 0; g < s.group(); ++g) {
-        const int64_t head = static_cast<int64_t>(b) * s.heads + kv * s.group() + g;
-        for (int i0 = 0; i0 < s.queries; i0 += kBlockRows) {
-          int rows = std::min(kBlockRows, s.queries - i0);
-          Spans spans = block_spans(m, b, i0, rows);
-          const int64_t row0 = head * s.queries + i0;
-          const float* q0 = q + row0 * D;
+      for (int i0 = 0; i0 < s.queries; i0 += kBlockRows) {
+        const int rows = std::min(kBlockRows, s.queries - i0);
+        const Spans spans = block_spans(m, b, i0, rows);  // the mask is the same for every head
+        for (int g = 0; g < group; ++g) {
+          const int64_t row0 = (static_cast<int64_t>(b) * s.heads + kv * group + g) * s.queries + i0;
+          const int at = g * rows;  // this head's rows in the stack
+          std::memcpy(q_rows.data() + at * D, q + row0 * D, sizeof(float) * rows * D);
           // With P = W / l: dS = P * (dO V^T - rowsum(dO * O)); 1 / l folded into dO.
           for (int r = 0; r < rows; ++r) {
-            float scale = 1.0f / total[row0 + r], dot = 0.0f;
+            const float scale = 1.0f / total[row0 + r];
             const float* o_r = out + (row0 + r) * D;
             const float* do_r = d_out + (row0 + r) * D;
-            float* dos_r = d_out_scaled.data() + r * D;
+            float* dos_r = d_out_scaled.data() + (at + r) * D;
+            float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
             for (int d = 0; d < D; ++d) {
               dos_r[d] = do_r[d] * scale;
               dot += dos_r[d] * o_r[d];
             }
-            row_dot[r] = dot;
+            row_dot[at + r] = dot;
+            row_top[at + r] = top[row0 + r];
+            m.ranges(b, i0 + r, first[at + r], second[at + r]);
           }
-          for (int c = 0; c < spans.count; ++c) {  // W again from the scores (nothing kept), and dO V^T
-            const Range& cols = spans.span[c];
-            score_rows(q0, D, rows, kt.data(), ldt, D, cols.lo, cols.hi + 1, weights.data(), ldt);
-            score_rows(d_out_scaled.data(), D, rows, vt.data(), ldt, D, cols.lo, cols.hi + 1, d_scores.data(), ldt);
-          }
-          for (int r = 0; r < rows; ++r) {
-            Range first, second;
-            m.ranges(b, i0 + r, first, second);
-            float t = top[row0 + r];
-            float* w = weights.data() + r * ldt;
-            exp_row(w, spans, first, second, t, false);
-            float* ds = d_scores.data() + r * ldt;
-            float rd = row_dot[r];
-            for (int c = 0; c < spans.count; ++c) {
-#pragma omp simd
-              for (int j = spans.span[c].lo; j <= spans.span[c].hi; ++j) {
-                ds[j] = w[j] * (ds[j] - rd);  // 0 wherever w is
-              }
-            }
-          }
-          product_rows<D>(d_scores.data(), ldt, rows, spans, kh, d_q + row0 * D, nullptr);  // dQ = dS K
-          transposed_rows<D>(d_scores.data(), ldt, rows, spans, q0, dkh);                  // dK += dS^T Q
-          transposed_rows<D>(weights.data(), ldt, rows, spans, d_out_scaled.data(), dvh);  // dV += P^T dO
         }
+        const int all = group * rows;
+        const BackwardRows info{row_top.data(), row_dot.data(), first.data(), second.data()};
+        for (int c = 0; c < spans.count; ++c) {  // W again from the scores (nothing kept), and dS
+          backward_tiles(q_rows.data(), d_out_scaled.data(), D, all, kt.data(), vt.data(), ldt, spans.span[c].lo,
+                         spans.span[c].hi + 1, info, weights.data(), d_scores.data());
+        }
+        for (int g = 0; g < group; ++g) {  // dQ = dS K, head by head
+          const int64_t row0 = (static_cast<int64_t>(b) * s.heads + kv * group + g) * s.queries + i0;
+          product_rows<D>(d_scores.data() + g * rows * ldt, ldt, rows, spans, kh, d_q + row0 * D, nullptr);
+        }
+        transposed_rows<D>(d_scores.data(), ldt, all, spans, q_rows.data(), dkh);       // dK += dS^T Q
+        transposed_rows<D>(weights.data(), ldt, all, spans, d_out_scaled.data(), dvh);  // dV += P^T dO
       }
     }
   }
