@@ -143,13 +143,19 @@ void score_rows(const float* a, int64_t lda, int rows, const float* bt, int64_t 
   }
 }
 
+constexpr int kSliceWidth = 32;  // columns of the product's AVX-512 tiles: 2 registers per row
+
 // out[r][:] = scale[r] * sum_{j in [j0, j1)} p[r][j] * b[j][:] for R rows of size D (scale may be null).
 template <int R, int D>
 inline void product_tile(const float* p, int64_t ldp, const float* b, int64_t ldb, int j0, int j1, float* out,
                          int64_t ldo, const float* scale) {
 #if defined(__AVX512F__)
-  if constexpr (D % 16 == 0) {
-    rows_tile_avx512<R, D, false>(p, ldp, b, ldb, j0, j1, 0, out, ldo, scale);
+  if constexpr (D % kSliceWidth == 0) {
+    // In slices of kSliceWidth columns, so that each row of b loaded from L2 serves R = 8 rows of p
+    // (the whole head size would leave room for 4): the product was bound by L2 bandwidth.
+    for (int c = 0; c < D; c += kSliceWidth) {
+      rows_tile_avx512<R, kSliceWidth, false>(p, ldp, b + c, ldb, j0, j1, 0, out + c, ldo, scale);
+    }
     return;
   }
 #endif
@@ -199,8 +205,16 @@ inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t
   std::memcpy(out + static_cast<int64_t>(j0) * D, acc, sizeof(acc));
 }
 
+// Rows per register tile of the products: 16 registers of accumulators.
 template <int D>
-constexpr int kProductRows = 1024 / (4 * D) < 1 ? 1 : 1024 / (4 * D);  // 16 registers of accumulators
+constexpr int kTransposedRows = 1024 / (4 * D) < 1 ? 1 : 1024 / (4 * D);
+#if defined(__AVX512F__)
+template <int D>
+constexpr int kProductRows = D % kSliceWidth == 0 ? 8 : kTransposedRows<D>;  // 8 rows x one slice
+#else
+template <int D>
+constexpr int kProductRows = kTransposedRows<D>;
+#endif
 
 // Which keys a query row sees: one range for a causal row; for a rejected row of a shared-prompt
 // sequence [prompt | chosen | rejected] (rows from `split` on), the prompt's and then its own.
@@ -265,15 +279,7 @@ float exp_row(float* row, const Spans& spans, Range first, Range second, float& 
   const int a_lo = first.lo, a_hi = first.hi, b_lo = second.lo, b_hi = second.hi;  // locals: the loops vectorise
   float m = top;
   if (find_top) {
-    m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int j = a_lo; j <= a_hi; ++j) {
-      m = row[j] > m ? row[j] : m;
-    }
-#pragma omp simd reduction(max : m)
-    for (int j = b_lo; j <= b_hi; ++j) {
-      m = row[j] > m ? row[j] : m;
-    }
+    m = std::max(row_max(row, a_lo, a_hi), row_max(row, b_lo, b_hi));
     top = m;
   }
   float sum = 0.0f;
@@ -355,7 +361,7 @@ void product_rows(const float* p, int64_t ldp, int rows, const Spans& spans, con
 // acc (S x D) += (rows x S block of p)^T @ a (rows x D), over the spans' key rows.
 template <int D>
 void transposed_rows(const float* p, int64_t ldp, int rows, const Spans& spans, const float* a, float* acc) {
-  constexpr int R = kProductRows<D>;
+  constexpr int R = kTransposedRows<D>;
   for (int k = 0; k < spans.count; ++k) {
     const Range& c = spans.span[k];
     int j = c.lo;
