@@ -184,8 +184,11 @@ template <int R, int D>
 inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t lda, int i0, int i1, int j0,
                             float* out) {
 #if defined(__AVX512F__)
-  if constexpr (D % 16 == 0) {
-    rows_tile_avx512<R, D, true>(p, ldp, a, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D, D, nullptr);
+  if constexpr (D % kSliceWidth == 0) {
+    for (int c = 0; c < D; c += kSliceWidth) {
+      rows_tile_avx512<R, kSliceWidth, true>(p, ldp, a + c, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D + c, D,
+                                             nullptr);
+    }
     return;
   }
 #endif
@@ -361,7 +364,7 @@ void product_rows(const float* p, int64_t ldp, int rows, const Spans& spans, con
 // acc (S x D) += (rows x S block of p)^T @ a (rows x D), over the spans' key rows.
 template <int D>
 void transposed_rows(const float* p, int64_t ldp, int rows, const Spans& spans, const float* a, float* acc) {
-  constexpr int R = kTransposedRows<D>;
+  constexpr int R = kProductRows<D>;
   for (int k = 0; k < spans.count; ++k) {
     const Range& c = spans.span[k];
     int j = c.lo;
