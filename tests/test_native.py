@@ -210,6 +210,9 @@ NO_SPLIT = 2**30
     ((1, 2, 1, 9, 9, 128), 0, [0], None),
     ((2, 9, 3, 70, 70, 64), 0, [0, 6], (20, 45)),     # [prompt | chosen | rejected] rows
     ((1, 4, 2, 41, 41, 32), 0, [2], (10, 25)),
+    # more keys than the backward takes per pass (kKeyChunk, 512): spans cross the chunks' edges
+    ((1, 2, 1, 600, 1100, 64), 500, [7], None),
+    ((1, 3, 1, 1100, 1100, 32), 0, [5], (300, 700)),
 ])
 def test_causal_attention_and_its_gradients_equal_the_masked_softmax(shape, offset, pads, shared):
     from mlx_dpo.cpu_attention import SharedPromptMask

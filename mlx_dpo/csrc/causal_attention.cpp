@@ -275,6 +275,18 @@ Spans block_spans(const Mask& m, int b, int i0, int rows) {
   return s;
 }
 
+// The spans' columns inside [lo, hi].
+Spans clipped(const Spans& spans, int lo, int hi) {
+  Spans out;
+  for (int k = 0; k < spans.count; ++k) {
+    Range r{std::max(spans.span[k].lo, lo), std::min(spans.span[k].hi, hi)};
+    if (r.lo <= r.hi) {
+      out.span[out.count++] = r;
+    }
+  }
+  return out;
+}
+
 // exp(s - top) on the row's visible keys and 0 on the rest of the spans, in place; the sum of the exps.
 // With `top` < infinity it is given (the backward's recomputation), else the row's maximum is taken
 // and returned there.
@@ -322,12 +334,15 @@ struct Shapes {
   int group() const { return heads / kv_heads; }
 };
 
-// rows x D = (rows x S block of p, over the spans) @ b (S x D), each row times scale[r] (may be null).
+// rows x D = (rows x S block of p, over the spans) @ b (S x D), each row times scale[r] (may be null);
+// written, or with `accumulate` added to what out holds.
 template <int D>
 void product_rows(const float* p, int64_t ldp, int rows, const Spans& spans, const float* b, float* out,
-                  const float* scale) {
+                  const float* scale, bool accumulate = false) {
   constexpr int R = kProductRows<D>;
-  std::fill(out, out + static_cast<int64_t>(rows) * D, 0.0f);
+  if (!accumulate) {
+    std::fill(out, out + static_cast<int64_t>(rows) * D, 0.0f);
+  }
   float partial[R * D];
   for (int r0 = 0; r0 < rows; r0 += R) {
     int n = std::min(R, rows - r0);
@@ -454,9 +469,15 @@ void backward_tiles(const float* q, const float* d_out_scaled, int depth, int ro
   }
 }
 
+// Keys per pass of the backward: what a pass touches (these keys' columns of K^T and V^T, their
+// rows of dK and dV, the blocks' weights and dS) stays within a core's L2 cache (~0.7 MB here). With
+// all of 1846 keys at once it did not, and the backward ran no faster than its L3 traffic allowed.
+constexpr int kKeyChunk = 512;
+
 // The backward goes a block of query rows at a time for all heads that share a kv head together
 // (grouped-query attention): their rows are stacked, so that the key and value gradients'
-// register tiles run over group x kBlockRows rows per load and store of their accumulators.
+// register tiles run over group x kBlockRows rows per load and store of their accumulators. Keys
+// go kKeyChunk at a time (outer loop); dQ adds up over them.
 template <int D>
 void attention_backward(const Shapes& s, const Mask& m, const float* q, const float* k, const float* v,
                         const float* out, const float* top, const float* total, const float* d_out, float* d_q,
@@ -468,6 +489,7 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
   std::vector<Range> first(stacked), second(stacked);
   std::fill(d_k, d_k + static_cast<int64_t>(s.batch) * s.kv_heads * s.keys * D, 0.0f);
   std::fill(d_v, d_v + static_cast<int64_t>(s.batch) * s.kv_heads * s.keys * D, 0.0f);
+  std::fill(d_q, d_q + static_cast<int64_t>(s.batch) * s.heads * s.queries * D, 0.0f);
   for (int b = 0; b < s.batch; ++b) {
     for (int kv = 0; kv < s.kv_heads; ++kv) {
       const int64_t kv_row = static_cast<int64_t>(b) * s.kv_heads + kv;
@@ -476,9 +498,14 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
       transpose_keys(v + kv_row * s.keys * D, s.keys, D, vt.data(), ldt);
       float* dkh = d_k + kv_row * s.keys * D;
       float* dvh = d_v + kv_row * s.keys * D;
+      for (int k0 = 0; k0 < s.keys; k0 += kKeyChunk)
       for (int i0 = 0; i0 < s.queries; i0 += kBlockRows) {
         const int rows = std::min(kBlockRows, s.queries - i0);
-        const Spans spans = block_spans(m, b, i0, rows);  // the mask is the same for every head
+        // the mask is the same for every head
+        const Spans spans = clipped(block_spans(m, b, i0, rows), k0, std::min(k0 + kKeyChunk, s.keys) - 1);
+        if (spans.count == 0) {
+          continue;
+        }
         for (int g = 0; g < group; ++g) {
           const int64_t row0 = (static_cast<int64_t>(b) * s.heads + kv * group + g) * s.queries + i0;
           const int at = g * rows;  // this head's rows in the stack
@@ -508,7 +535,7 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
         }
         for (int g = 0; g < group; ++g) {  // dQ = dS K, head by head
           const int64_t row0 = (static_cast<int64_t>(b) * s.heads + kv * group + g) * s.queries + i0;
-          product_rows<D>(d_scores.data() + g * rows * ldt, ldt, rows, spans, kh, d_q + row0 * D, nullptr);
+          product_rows<D>(d_scores.data() + g * rows * ldt, ldt, rows, spans, kh, d_q + row0 * D, nullptr, true);
         }
         transposed_rows<D>(d_scores.data(), ldt, all, spans, q_rows.data(), dkh);       // dK += dS^T Q
         transposed_rows<D>(weights.data(), ldt, all, spans, d_out_scaled.data(), dvh);  // dV += P^T dO
@@ -586,7 +613,7 @@ class CausalAttentionGrad : public AttentionPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto in = readable(inputs, outputs);
-    reuse_or_allocate(outputs[0], in[6]);  // d_q may take d_out's buffer: each row block read before written
+    allocate(outputs[0]);  // not d_out's buffer: every key chunk reads d_out again after writing d_q
     allocate(outputs[1]);
     allocate(outputs[2]);
     const auto& q = in[0];
