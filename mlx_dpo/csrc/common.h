@@ -164,11 +164,15 @@ class CpuPrimitive : public mx::Primitive {
   // primitive its own list, so with three outputs every input has three owners and `is_donatable`
   // refuses it: AdamW's weight and moments were never updated in place, and each step mapped and
   // zeroed fresh pages for them. MLX evaluates all outputs in this one call and then detaches
-  // them, so nothing reads those lists again; `inputs` itself (the evaluated output's) stays. A
-  // tracer (evaluated inside a function being transformed) keeps its graph: MLX does not detach it.
+  // them, so nothing reads those lists again. `inputs` itself (the evaluated output's list, which
+  // MLX reads afterwards to keep the buffers alive until the kernel has run) stays, and nothing is
+  // dropped unless it is found among the outputs'. A tracer (evaluated inside a function being
+  // transformed) keeps its graph: MLX does not detach it.
   Readable readable(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+    bool called_on_an_output = std::any_of(outputs.begin(), outputs.end(),
+                                           [&](const mx::array& out) { return &out.inputs() == &inputs; });
     for (auto& out : outputs) {
-      if (&out.inputs() != &inputs && !out.is_tracer()) {
+      if (called_on_an_output && &out.inputs() != &inputs && !out.is_tracer()) {
         out.inputs().clear();
       }
     }

@@ -125,9 +125,10 @@ def guarded_update(optimizer, model, parts: Sequence, max_norm: float, lanes: Se
     (MLXEngine keeps them apart). The fused AdamW and norm kernels add two parts as they read
     them, which saves a pass that writes the sum; elsewhere the parts are added first.
 
-    The finiteness test is an `mx.where` inside the graph, so the step needs no host round-trip
-    before the update; old and new arrays coexist during evaluation either way (MLX is
-    functional), so this costs no extra peak memory. The arithmetic is MLX's own
+    The finiteness test is an `mx.where` inside the graph (inside the fused kernel on the CPU), so
+    the step needs no host round-trip before the update and costs no extra peak memory: the fused
+    AdamW writes the new weights and moments into the old ones' buffers when nothing else holds
+    them, and MLX's ops keep old and new side by side either way. The arithmetic is MLX's own
     (`clip_grad_norm`'s normaliser, `optimizer.apply_single` per tensor, as `Optimizer.update`
     does it; on the CPU, native.py's one-pass AdamW, which gives the same bits); with `lanes` (CPU streams) the tensors are spread over them by size, so the
     elementwise passes over a full fine-tune's weights run on every core.
