@@ -208,15 +208,16 @@ inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t
   std::memcpy(out + static_cast<int64_t>(j0) * D, acc, sizeof(acc));
 }
 
-// Rows per register tile of the products: 16 registers of accumulators.
+// Rows per register tile of the products, 16 registers of accumulators: with AVX-512, 8 rows of
+// one slice; in plain C++, as many whole rows of D as fit.
 template <int D>
-constexpr int kTransposedRows = 1024 / (4 * D) < 1 ? 1 : 1024 / (4 * D);
+constexpr int kWholeRows = 1024 / (4 * D) < 1 ? 1 : 1024 / (4 * D);
 #if defined(__AVX512F__)
 template <int D>
-constexpr int kProductRows = D % kSliceWidth == 0 ? 8 : kTransposedRows<D>;  // 8 rows x one slice
+constexpr int kProductRows = D % kSliceWidth == 0 ? 8 : kWholeRows<D>;
 #else
 template <int D>
-constexpr int kProductRows = kTransposedRows<D>;
+constexpr int kProductRows = kWholeRows<D>;
 #endif
 
 // Which keys a query row sees: one range for a causal row; for a rejected row of a shared-prompt
@@ -498,47 +499,48 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
       transpose_keys(v + kv_row * s.keys * D, s.keys, D, vt.data(), ldt);
       float* dkh = d_k + kv_row * s.keys * D;
       float* dvh = d_v + kv_row * s.keys * D;
-      for (int k0 = 0; k0 < s.keys; k0 += kKeyChunk)
-      for (int i0 = 0; i0 < s.queries; i0 += kBlockRows) {
-        const int rows = std::min(kBlockRows, s.queries - i0);
-        // the mask is the same for every head
-        const Spans spans = clipped(block_spans(m, b, i0, rows), k0, std::min(k0 + kKeyChunk, s.keys) - 1);
-        if (spans.count == 0) {
-          continue;
-        }
-        for (int g = 0; g < group; ++g) {
-          const int64_t row0 = (static_cast<int64_t>(b) * s.heads + kv * group + g) * s.queries + i0;
-          const int at = g * rows;  // this head's rows in the stack
-          std::memcpy(q_rows.data() + at * D, q + row0 * D, sizeof(float) * rows * D);
-          // With P = W / l: dS = P * (dO V^T - rowsum(dO * O)); 1 / l folded into dO.
-          for (int r = 0; r < rows; ++r) {
-            const float scale = 1.0f / total[row0 + r];
-            const float* o_r = out + (row0 + r) * D;
-            const float* do_r = d_out + (row0 + r) * D;
-            float* dos_r = d_out_scaled.data() + (at + r) * D;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < D; ++d) {
-              dos_r[d] = do_r[d] * scale;
-              dot += dos_r[d] * o_r[d];
-            }
-            row_dot[at + r] = dot;
-            row_top[at + r] = top[row0 + r];
-            m.ranges(b, i0 + r, first[at + r], second[at + r]);
+      for (int k0 = 0; k0 < s.keys; k0 += kKeyChunk) {
+        for (int i0 = 0; i0 < s.queries; i0 += kBlockRows) {
+          const int rows = std::min(kBlockRows, s.queries - i0);
+          // the mask is the same for every head
+          const Spans spans = clipped(block_spans(m, b, i0, rows), k0, std::min(k0 + kKeyChunk, s.keys) - 1);
+          if (spans.count == 0) {
+            continue;
           }
+          for (int g = 0; g < group; ++g) {
+            const int64_t row0 = (static_cast<int64_t>(b) * s.heads + kv * group + g) * s.queries + i0;
+            const int at = g * rows;  // this head's rows in the stack
+            std::memcpy(q_rows.data() + at * D, q + row0 * D, sizeof(float) * rows * D);
+            // With P = W / l: dS = P * (dO V^T - rowsum(dO * O)); 1 / l folded into dO.
+            for (int r = 0; r < rows; ++r) {
+              const float scale = 1.0f / total[row0 + r];
+              const float* o_r = out + (row0 + r) * D;
+              const float* do_r = d_out + (row0 + r) * D;
+              float* dos_r = d_out_scaled.data() + (at + r) * D;
+              float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+              for (int d = 0; d < D; ++d) {
+                dos_r[d] = do_r[d] * scale;
+                dot += dos_r[d] * o_r[d];
+              }
+              row_dot[at + r] = dot;
+              row_top[at + r] = top[row0 + r];
+              m.ranges(b, i0 + r, first[at + r], second[at + r]);
+            }
+          }
+          const int all = group * rows;
+          const BackwardRows info{row_top.data(), row_dot.data(), first.data(), second.data()};
+          for (int c = 0; c < spans.count; ++c) {  // W again from the scores (nothing kept), and dS
+            backward_tiles(q_rows.data(), d_out_scaled.data(), D, all, kt.data(), vt.data(), ldt, spans.span[c].lo,
+                           spans.span[c].hi + 1, info, weights.data(), d_scores.data());
+          }
+          for (int g = 0; g < group; ++g) {  // dQ = dS K, head by head
+            const int64_t row0 = (static_cast<int64_t>(b) * s.heads + kv * group + g) * s.queries + i0;
+            product_rows<D>(d_scores.data() + g * rows * ldt, ldt, rows, spans, kh, d_q + row0 * D, nullptr, true);
+          }
+          transposed_rows<D>(d_scores.data(), ldt, all, spans, q_rows.data(), dkh);       // dK += dS^T Q
+          transposed_rows<D>(weights.data(), ldt, all, spans, d_out_scaled.data(), dvh);  // dV += P^T dO
         }
-        const int all = group * rows;
-        const BackwardRows info{row_top.data(), row_dot.data(), first.data(), second.data()};
-        for (int c = 0; c < spans.count; ++c) {  // W again from the scores (nothing kept), and dS
-          backward_tiles(q_rows.data(), d_out_scaled.data(), D, all, kt.data(), vt.data(), ldt, spans.span[c].lo,
-                         spans.span[c].hi + 1, info, weights.data(), d_scores.data());
-        }
-        for (int g = 0; g < group; ++g) {  // dQ = dS K, head by head
-          const int64_t row0 = (static_cast<int64_t>(b) * s.heads + kv * group + g) * s.queries + i0;
-          product_rows<D>(d_scores.data() + g * rows * ldt, ldt, rows, spans, kh, d_q + row0 * D, nullptr, true);
-        }
-        transposed_rows<D>(d_scores.data(), ldt, all, spans, q_rows.data(), dkh);       // dK += dS^T Q
-        transposed_rows<D>(weights.data(), ldt, all, spans, d_out_scaled.data(), dvh);  // dV += P^T dO
       }
     }
   }
