@@ -54,6 +54,24 @@ def test_two_streams_train_like_one(make_config, finetune):
     assert int(np.array(engines[0].optimizer.state["step"])) == 3
 
 
+def test_stream_parts_reach_the_optimizer_apart_only_without_accumulation(make_config):
+    """One micro-batch per step: the two streams' gradients stay two trees (the fused kernels add
+    them); accumulating, they are summed at once, so that no extra tree is held between
+    micro-batches. The steps agree either way."""
+    batch = collate(_pairs(4, seed=2), pad_id=2)
+    apart, summed = (MLXEngine(make_config(**{"compute.cpu_streams": 2,
+                                              "training.gradient_accumulation_steps": steps})) for steps in (1, 2))
+    for engine in (apart, summed):
+        engine.forward_backward(batch, 4)
+    assert len(apart._grads) == 2 and len(summed._grads) == 1
+    total = dict(tree_flatten(summed._grads[0]))
+    for name, value in tree_flatten(apart._grads[0]):
+        np.testing.assert_allclose(np.array(value + dict(tree_flatten(apart._grads[1]))[name]), np.array(total[name]),
+                                   rtol=1e-6, atol=1e-7, err_msg=name)
+    norms = [engine.apply_update(1e-3)[0] for engine in (apart, summed)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6)
+
+
 def _cache_limit() -> int:
     """MLX's current buffer-cache limit (MLX reads it only by setting a new one)."""
     value = mx.set_cache_limit(0)

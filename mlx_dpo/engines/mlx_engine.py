@@ -40,6 +40,10 @@ class MLXEngine:
         self.loss = LOSSES[cfg.training.loss_type]
         self._grad_fn = nn.value_and_grad(self.models.policy, self._loss_terms)
         self._grads = None
+        # The CPU streams' gradient parts go to the optimizer apart (its fused kernels add them as
+        # they read them) only for one micro-batch per step: accumulating, they would hold one
+        # gradient tree more between micro-batches than their sum does.
+        self._parts_apart = cfg.training.gradient_accumulation_steps == 1
         self.group = None  # an mx.distributed group when training on several ranks
         self.fast = FastPath(self)  # the hot path (engines/mlx_fast.py); None plan = plain path
         self.notes.append(self.fast.describe())
@@ -102,6 +106,8 @@ class MLXEngine:
                     part_stats = _sums(*aux, part)
                 grads.append(part_grads)
                 stats = part_stats if stats is None else {k: stats[k] + v for k, v in part_stats.items()}
+            if not self._parts_apart:
+                grads = [added(grads)]
             self._grads = _accumulated(self._grads, grads)
             mx.eval(self._grads, stats)
         return {k: float(v) for k, v in stats.items()}
@@ -192,11 +198,8 @@ class MLXEngine:
 
 
 def _accumulated(held: Optional[list], new: list) -> list:
-    """Gradient parts after adding `new` (one tree per CPU stream) to `held`, stream by stream.
-
-    The parts stay apart until the optimizer, whose fused kernels add them as they read them
-    (mlx_fast.guarded_update); a count that changes between micro-batches folds them into one.
-    """
+    """Gradient parts (trees that add up to the gradient) after adding `new` to `held`, part by
+    part; a count that changes between micro-batches folds them into one."""
     if held is None:
         return new
     if len(held) == len(new):
