@@ -47,7 +47,7 @@ MODULE = "_native"
 FLAGS = ["-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared",
          "-fvisibility=hidden", "-fno-strict-aliasing", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx"]
 # On x86, GCC vectorises loops 256 bits wide even where -march=native has AVX-512; the full width
-# took the attention's forward and backward from 88 to 98 GFLOP/s at 1024 tokens (exp and masks in
+# took the attention's forward and backward from 88 to 94-98 GFLOP/s at 1024 tokens (exp and masks in
 # the row loops; docs/benchmarks.md, session 12).
 X86_FLAGS = ["-mprefer-vector-width=512"]
 

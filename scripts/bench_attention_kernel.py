@@ -18,8 +18,7 @@ from pathlib import Path
 import mlx_dpo  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 from mlx_dpo import native
-
-NO_SPLIT = 2**30
+from mlx_dpo.cpu_attention import NO_SPLIT
 
 
 def main() -> None:

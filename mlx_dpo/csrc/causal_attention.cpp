@@ -34,22 +34,30 @@ constexpr int kTileCols = 32;  // key columns per score tile: 8 x 32 accumulator
 // at a time, so each key gradient row is loaded and stored once per this many query rows.
 constexpr int kBlockRows = 16;
 
+// acc[r][c] += sum_{k in [from, to)} a[r][k] * b[k][c] for R rows and W columns: the plain C++ tiles'
+// loop (the compiler vectorises it for this machine).
+template <int R, int W>
+inline void multiply_add(const float* a, int64_t lda, const float* b, int64_t ldb, int from, int to,
+                         float (&acc)[R][W]) {
+  for (int k = from; k < to; ++k) {
+    const float* bk = b + k * ldb;
+    for (int r = 0; r < R; ++r) {
+      float x = a[r * lda + k];
+#pragma omp simd
+      for (int c = 0; c < W; ++c) {
+        acc[r][c] = __builtin_fmaf(x, bk[c], acc[r][c]);
+      }
+    }
+  }
+}
+
 // out[r][c] = sum_k a[r][k] * bt[k][c] for R rows and kTileCols columns (bt padded that far); the
 // first `width` columns written.
 template <int R>
 inline void score_tile(const float* a, int64_t lda, const float* bt, int64_t ldb, int depth, float* out,
                        int64_t ldo, int width) {
   float acc[R][kTileCols] = {};
-  for (int k = 0; k < depth; ++k) {
-    const float* b = bt + k * ldb;
-    for (int r = 0; r < R; ++r) {
-      float x = a[r * lda + k];
-#pragma omp simd
-      for (int c = 0; c < kTileCols; ++c) {
-        acc[r][c] = __builtin_fmaf(x, b[c], acc[r][c]);
-      }
-    }
-  }
+  multiply_add(a, lda, bt, ldb, 0, depth, acc);
   for (int r = 0; r < R; ++r) {
     std::memcpy(out + r * ldo, acc[r], sizeof(float) * width);
   }
@@ -87,15 +95,15 @@ inline void score_tile_avx512(const float* a, int64_t lda, const float* bt, int6
   }
 }
 
-// out rows (R of D) = scale * sum_j p[r][j] b[j][:] (product) or += sum_i p[i][j0 + r] a[i][:] (transposed).
+// out rows (R of D) += sum_j p[r][j] b[j][:] (product) or sum_j p[j][j0 + r] b[j][:] (transposed).
 template <int R, int D, bool Transposed>
 inline void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_t ldb, int from, int to, int j0,
-                             float* out, int64_t ldo, const float* scale) {
+                             float* out, int64_t ldo) {
   constexpr int V = D / 16;
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r) {
     for (int u = 0; u < V; ++u) {
-      acc[r][u] = Transposed ? _mm512_loadu_ps(out + r * ldo + u * 16) : _mm512_setzero_ps();
+      acc[r][u] = _mm512_loadu_ps(out + r * ldo + u * 16);
     }
   }
   for (int j = from; j < to; ++j) {
@@ -112,9 +120,8 @@ inline void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_
     }
   }
   for (int r = 0; r < R; ++r) {
-    __m512 s = _mm512_set1_ps(scale ? scale[r] : 1.0f);
     for (int u = 0; u < V; ++u) {
-      _mm512_storeu_ps(out + r * ldo + u * 16, Transposed ? acc[r][u] : _mm512_mul_ps(acc[r][u], s));
+      _mm512_storeu_ps(out + r * ldo + u * 16, acc[r][u]);
     }
   }
 }
@@ -145,37 +152,27 @@ void score_rows(const float* a, int64_t lda, int rows, const float* bt, int64_t 
 
 constexpr int kSliceWidth = 32;  // columns of the product's AVX-512 tiles: 2 registers per row
 
-// out[r][:] = scale[r] * sum_{j in [j0, j1)} p[r][j] * b[j][:] for R rows of size D (scale may be null).
+// out[r][:] += sum_{j in [j0, j1)} p[r][j] * b[j][:] for R rows of size D.
 template <int R, int D>
 inline void product_tile(const float* p, int64_t ldp, const float* b, int64_t ldb, int j0, int j1, float* out,
-                         int64_t ldo, const float* scale) {
+                         int64_t ldo) {
 #if defined(__AVX512F__)
   if constexpr (D % kSliceWidth == 0) {
     // In slices of kSliceWidth columns, so that each row of b loaded from L2 serves R = 8 rows of p
     // (the whole head size would leave room for 4): the product was bound by L2 bandwidth.
     for (int c = 0; c < D; c += kSliceWidth) {
-      rows_tile_avx512<R, kSliceWidth, false>(p, ldp, b + c, ldb, j0, j1, 0, out + c, ldo, scale);
+      rows_tile_avx512<R, kSliceWidth, false>(p, ldp, b + c, ldb, j0, j1, 0, out + c, ldo);
     }
     return;
   }
 #endif
-  float acc[R][D] = {};
-  for (int j = j0; j < j1; ++j) {
-    const float* bj = b + j * ldb;
-    for (int r = 0; r < R; ++r) {
-      float x = p[r * ldp + j];
-#pragma omp simd
-      for (int k = 0; k < D; ++k) {
-        acc[r][k] = __builtin_fmaf(x, bj[k], acc[r][k]);
-      }
-    }
-  }
+  float acc[R][D];
   for (int r = 0; r < R; ++r) {
-    float s = scale ? scale[r] : 1.0f;
-#pragma omp simd
-    for (int k = 0; k < D; ++k) {
-      out[r * ldo + k] = acc[r][k] * s;
-    }
+    std::memcpy(acc[r], out + r * ldo, sizeof(acc[r]));
+  }
+  multiply_add(p, ldp, b, ldb, j0, j1, acc);
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(out + r * ldo, acc[r], sizeof(acc[r]));
   }
 }
 
@@ -186,8 +183,7 @@ inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t
 #if defined(__AVX512F__)
   if constexpr (D % kSliceWidth == 0) {
     for (int c = 0; c < D; c += kSliceWidth) {
-      rows_tile_avx512<R, kSliceWidth, true>(p, ldp, a + c, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D + c, D,
-                                             nullptr);
+      rows_tile_avx512<R, kSliceWidth, true>(p, ldp, a + c, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D + c, D);
     }
     return;
   }
@@ -336,7 +332,7 @@ struct Shapes {
 };
 
 // rows x D = (rows x S block of p, over the spans) @ b (S x D), each row times scale[r] (may be null);
-// written, or with `accumulate` added to what out holds.
+// written, or with `accumulate` added to what out holds (then scale must be null).
 template <int D>
 void product_rows(const float* p, int64_t ldp, int rows, const Spans& spans, const float* b, float* out,
                   const float* scale, bool accumulate = false) {
@@ -344,27 +340,14 @@ void product_rows(const float* p, int64_t ldp, int rows, const Spans& spans, con
   if (!accumulate) {
     std::fill(out, out + static_cast<int64_t>(rows) * D, 0.0f);
   }
-  float partial[R * D];
-  for (int r0 = 0; r0 < rows; r0 += R) {
-    int n = std::min(R, rows - r0);
-    for (int k = 0; k < spans.count; ++k) {
-      const Range& c = spans.span[k];
-      for (int r = 0; r < n; r += (n == R ? R : 1)) {
-        float* dst = partial;
-        if (n == R) {
-          product_tile<R, D>(p + (r0 + r) * ldp, ldp, b, D, c.lo, c.hi + 1, dst, D, nullptr);
-        } else {
-          product_tile<1, D>(p + (r0 + r) * ldp, ldp, b, D, c.lo, c.hi + 1, dst, D, nullptr);
-        }
-        int count = n == R ? R : 1;
-        for (int t = 0; t < count; ++t) {
-          float* o = out + static_cast<int64_t>(r0 + r + t) * D;
-#pragma omp simd
-          for (int d = 0; d < D; ++d) {
-            o[d] += dst[t * D + d];
-          }
-        }
-      }
+  for (int k = 0; k < spans.count; ++k) {
+    const int lo = spans.span[k].lo, hi = spans.span[k].hi;
+    int r = 0;
+    for (; r + R <= rows; r += R) {
+      product_tile<R, D>(p + r * ldp, ldp, b, D, lo, hi + 1, out + static_cast<int64_t>(r) * D, D);
+    }
+    for (; r < rows; ++r) {
+      product_tile<1, D>(p + r * ldp, ldp, b, D, lo, hi + 1, out + static_cast<int64_t>(r) * D, D);
     }
   }
   if (scale) {
