@@ -123,7 +123,8 @@ def guarded_update(optimizer, model, parts: Sequence, max_norm: float, lanes: Se
 
     `parts` are gradient trees that add up to the gradient: one per CPU stream that made them
     (MLXEngine keeps them apart). The fused AdamW and norm kernels add two parts as they read
-    them, which saves a pass that writes the sum; elsewhere the parts are added first.
+    them, which saves a pass that writes the sum; where some tensor cannot take them (not float32)
+    the parts are added first.
 
     The finiteness test is an `mx.where` inside the graph (inside the fused kernel on the CPU), so
     the step needs no host round-trip before the update and costs no extra peak memory: the fused
@@ -134,17 +135,17 @@ def guarded_update(optimizer, model, parts: Sequence, max_norm: float, lanes: Se
     elementwise passes over a full fine-tune's weights run on every core.
     """
     kernels = _fused_adamw(optimizer)
-    grads, second = _two_parts(parts) if kernels else (added(parts), None)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    all_fused = kernels is not None and all(g.dtype == weights[path].dtype == mx.float32
+                                            for path, g in tree_flatten(parts[0]))
+    grads, second = _two_parts(parts) if all_fused else (added(parts), None)
     place = _placement(grads, lanes)
     second_of = dict(tree_flatten(second)) if second is not None else {}
     squares = []
     for path, g in tree_flatten(grads):
         with on_stream(place[path]):
-            if kernels and g.dtype == mx.float32:
-                squares.append(kernels.sum_of_squares(g, second_of.get(path)))
-            else:
-                g = g + second_of[path] if path in second_of else g
-                squares.append(g.square().sum())
+            fused = kernels and g.dtype == mx.float32
+            squares.append(kernels.sum_of_squares(g, second_of.get(path)) if fused else g.square().sum())
     norm = mx.sqrt(sum(squares))
     normalizer = mx.minimum(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else None
     ok = mx.isfinite(norm)
@@ -161,8 +162,6 @@ def guarded_update(optimizer, model, parts: Sequence, max_norm: float, lanes: Se
                     g, p, state["m"], state["v"], lr, *corrections, mx.array(1.0) if normalizer is None else normalizer,
                     ok, b1, 1 - b1, b2, 1 - b2, optimizer.eps, optimizer.weight_decay, second_of.get(path))
                 return new_p
-            if path in second_of:
-                g = g + second_of[path]
             old_m, old_v = state["m"], state["v"]
             if normalizer is not None:
                 g = (g * normalizer).astype(g.dtype)
