@@ -13,7 +13,8 @@ import pytest
 import mlx.core as mx
 
 from mlx_dpo import native
-from mlx_dpo.cpu_attention import CausalMask
+from mlx_dpo.cpu_attention import NO_SPLIT, CausalMask
+from mlx_dpo.cpu_layers import NO_RESTART
 
 B, H, Q, K, OFFSET = 3, 4, 24, 48, 20
 LEFT_PAD = [0, 7, 30]  # row 2's pads outnumber some queries' positions: those see only themselves
@@ -120,9 +121,9 @@ def test_rope_equals_mlx_fast_rope_and_its_backward_writes_the_projection_layout
     x = mx.random.normal((2, 30, 3, 16), key=mx.random.key(10)).transpose(0, 2, 1, 3)
     cotangent = mx.random.normal(x.shape, key=mx.random.key(11))
     (ref,), (grad_ref,) = _grads(lambda x: _rope_ref(x, offset), [x], [cotangent])
-    out = _kernels().rope(x, 10000.0, 0.5, offset, 2**30, 0, False, False)
+    out = _kernels().rope(x, 10000.0, 0.5, offset, NO_RESTART, 0, False, False)
     np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=2e-5)
-    grad = _kernels().rope(cotangent, 10000.0, 0.5, offset, 2**30, 0, True, True)
+    grad = _kernels().rope(cotangent, 10000.0, 0.5, offset, NO_RESTART, 0, True, True)
     assert grad.shape == (2, 30, 3, 16)  # seq_major: (batch, positions, heads, size)
     np.testing.assert_allclose(np.array(grad.transpose(0, 2, 1, 3)), np.array(grad_ref), rtol=1e-5, atol=2e-5)
 
@@ -198,8 +199,6 @@ def _masked_attention(q, k, v, keep):
     k, v = mx.repeat(k, group, axis=1), mx.repeat(v, group, axis=1)
     return mx.softmax(mx.where(keep, q @ k.swapaxes(-1, -2), -mx.inf), axis=-1) @ v
 
-
-NO_SPLIT = 2**30
 
 
 @needs_build
@@ -278,7 +277,7 @@ def test_layer_kernels_reject_bad_shapes_and_dtypes():
         k.causal_attention(mx.zeros((1, 3, 4, 64)), mx.zeros((1, 2, 4, 64)), mx.zeros((1, 2, 4, 64)),
                            mx.zeros((1,), dtype=mx.int32), 0, NO_SPLIT, NO_SPLIT)
     with pytest.raises(ValueError, match="float32"):
-        k.rope(mx.zeros((1, 1, 2, 4), dtype=mx.float16), 10000.0, 1.0, 0, 2**30, 0, False, False)
+        k.rope(mx.zeros((1, 1, 2, 4), dtype=mx.float16), 10000.0, 1.0, 0, NO_RESTART, 0, False, False)
 
 
 @needs_build
