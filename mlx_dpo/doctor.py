@@ -21,7 +21,7 @@ from .hardware import DeviceInfo, blas_name, cuda_device, detect_device, prepare
 
 # Variables that change how mlx-dpo, MLX, BLAS, PyTorch or the Hub behave.
 ENV_PREFIXES = ("MLX_", "MLX_DPO_", "METAL_", "CUDA_", "NCCL_", "PYTORCH_", "HF_", "TRANSFORMERS_", "MALLOC_")
-ENV_NAMES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LD_PRELOAD", "WORLD_SIZE", "RANK",
+ENV_NAMES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "LD_PRELOAD", "WORLD_SIZE", "RANK",
              "LOCAL_RANK", "XDG_CACHE_HOME", "WANDB_MODE", "GLIBC_TUNABLES")
 SLOW_BLAS_GFLOPS = 20.0  # MLX's bundled reference BLAS measures ~5 here; OpenBLAS ~100-200
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import blas_kernels
+
 # Metal allocator settings the workflow asks for; a user's own value always wins.
 METAL_ENV_DEFAULTS = {"MLX_METAL_PREALLOCATE": "1", "MLX_METAL_FAST_SYNCH": "1"}
 # MLX's evaluator orders a graph breadth-first in windows of this many arrays (default 20). With
@@ -87,7 +89,8 @@ def prepare_runtime() -> dict:
 def _preload_blas() -> str:
     """MLX's Linux CPU wheel bundles the reference BLAS (~5 GFLOP/s on a 1024^3 sgemm here).
     Loading OpenBLAS with RTLD_GLOBAL before libmlx makes `cblas_sgemm` resolve to it
-    (~180 GFLOP/s measured). macOS uses Accelerate and needs nothing."""
+    (~180 GFLOP/s measured), with kernels for the CPU's instruction set (blas_kernels.py).
+    macOS uses Accelerate and needs nothing."""
     if sys.platform == "darwin":
         return "Accelerate"
     if os.environ.get("MLX_DPO_BLAS") == "bundled":
@@ -97,11 +100,16 @@ def _preload_blas() -> str:
     custom = os.environ.get("MLX_DPO_BLAS")
     for path in ([custom] if custom else []) + list(OPENBLAS_CANDIDATES):
         if path and Path(path).exists():
+            replaced = blas_kernels.choose_coretype(path)
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-                return f"OpenBLAS ({os.path.realpath(path)})"
+                library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError:
                 continue
+            kernels = blas_kernels.loaded_kernels(library)
+            detail = f", kernels {kernels}" if kernels else ""
+            if replaced:
+                detail += f" (set by mlx-dpo: on its own OpenBLAS picks {replaced} on this CPU)"
+            return f"OpenBLAS ({os.path.realpath(path)}{detail})"
     return "bundled reference BLAS (slow: install libopenblas0-pthread)"
 
 

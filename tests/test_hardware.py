@@ -1,15 +1,20 @@
 """Runtime preparation happens before MLX loads: env defaults, optimized BLAS, batch table."""
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mlx_dpo import blas_kernels
 from mlx_dpo.hardware import OPENBLAS_CANDIDATES, DeviceInfo, table_batch_size
 
 PROBE = ("import os, mlx_dpo, mlx.core as mx; from mlx_dpo.hardware import blas_name; "
          "print(os.environ['MLX_METAL_PREALLOCATE'], os.environ['MLX_METAL_FAST_SYNCH']); print(blas_name()); "
          "print(any('/libopenblas' in l for l in open('/proc/self/maps')) if os.path.exists('/proc/self/maps') else 'n/a')")
+
+HAS_OPENBLAS = sys.platform == "linux" and any(Path(p).exists() for p in OPENBLAS_CANDIDATES)
 
 
 def run_probe(env_extra):
@@ -26,13 +31,48 @@ def test_metal_env_defaults_are_set_but_user_values_win():
     assert run_probe({"MLX_METAL_PREALLOCATE": "0"})[0] == "0 1"
 
 
-@pytest.mark.skipif(sys.platform != "linux" or not any(Path(p).exists() for p in OPENBLAS_CANDIDATES),
-                    reason="OpenBLAS is not installed (scripts/setup.sh installs it on Linux)")
+@pytest.mark.skipif(not HAS_OPENBLAS, reason="OpenBLAS is not installed (scripts/setup.sh installs it on Linux)")
 def test_linux_uses_openblas_when_installed_and_can_opt_out():
     name, mapped = run_probe({})[1:]
     assert name.startswith("OpenBLAS") and mapped == "True"
     name, mapped = run_probe({"MLX_DPO_BLAS": "bundled"})[1:]
     assert name.startswith("bundled") and mapped == "False"
+
+
+def test_kernel_choice_follows_the_cpu_flags():
+    avx512 = {"avx", "avx2", "fma", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"}
+    assert blas_kernels.better_kernels("Prescott", avx512) == "SkylakeX"
+    assert blas_kernels.better_kernels("Haswell", avx512) == "SkylakeX"
+    assert blas_kernels.better_kernels("Cooperlake", avx512) is None
+    assert blas_kernels.better_kernels("Nehalem", {"avx", "avx2", "fma"}) == "Haswell"
+    assert blas_kernels.better_kernels("Zen", {"avx", "avx2", "fma"}) is None
+    assert blas_kernels.better_kernels("Prescott", set()) is None  # flags unknown: leave it
+
+
+def test_a_fallback_to_generic_kernels_is_overridden_but_a_users_choice_wins(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    monkeypatch.setattr(blas_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(blas_kernels, "probe_kernels", lambda library: "Prescott")
+    monkeypatch.setattr(blas_kernels, "cpu_flags", lambda: {"avx", "avx2", "fma"})
+    assert blas_kernels.choose_coretype("libopenblas.so.0") == "Prescott"
+    assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")
+    assert blas_kernels.choose_coretype("libopenblas.so.0") is None
+    assert os.environ["OPENBLAS_CORETYPE"] == "Sandybridge"
+
+
+@pytest.mark.skipif(not HAS_OPENBLAS or platform.machine() != "x86_64", reason="needs OpenBLAS on x86-64")
+def test_loaded_openblas_runs_kernels_of_the_cpus_instruction_set():
+    """On a CPU newer than the installed OpenBLAS (this project's machine: Debian 12's 0.3.21 on
+    a family-6 model-207 Xeon) the library alone picks Prescott kernels; mlx-dpo must not."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    code = ("import ctypes, mlx_dpo; from mlx_dpo.hardware import blas_name; print(blas_name()); "
+            "f = ctypes.CDLL(None).openblas_get_corename; f.restype = ctypes.c_char_p; print(f().decode())")
+    name, kernels = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                   text=True, check=True).stdout.splitlines()
+    assert f"kernels {kernels}" in name
+    level = blas_kernels.KERNEL_LEVELS.get(kernels.lower(), 0)
+    assert level >= blas_kernels.cpu_level(blas_kernels.cpu_flags()), name
 
 
 def test_batch_table():
@@ -43,6 +83,7 @@ def test_batch_table():
 
 HEAP_PROBE = """
 import resource, mlx_dpo, mlx.core as mx
+from mlx_dpo import blas_kernels
 from mlx_dpo.hardware import prepare_runtime
 mx.set_cache_limit(0)  # every freed buffer goes back to malloc, as large ones do in training
 pages = []
