@@ -9,6 +9,10 @@ from pathlib import Path
 START, END = "<!-- dpo-step-bench:start -->", "<!-- dpo-step-bench:end -->"
 
 
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
 def command(args: dict) -> str:
     """The command line that made a results file."""
     flags = [f"--rounds {args['rounds']}"] + [f"--{k}" for k in ("ablation", "scale") if args.get(k)]
@@ -45,7 +49,7 @@ def scale_goal(scale: list[dict]) -> list[str]:
     x = ratios[1024]
     each = ", ".join(f"{seq}: {r:.2f}x" for seq, r in ratios.items())
     mid = f"; from 512 to 1024 alone: {by[1024]['s_per_ktoken'] / by[512]['s_per_ktoken']:.2f}x" if 512 in by else ""
-    ok = "**met**" if max(ratios.values()) <= 1.05 else "**not met**"
+    ok = verdict(max(ratios.values()) <= 1.05)
     lines = [f"- step cost no worse than linear in tokens up to 1024 (seconds per 1k tokens within 5% of seq "
              f"256's at every length): {each}{mid} — {ok}"]
     if by[256].get("gflops_per_s") and by[1024].get("gflops_per_s"):
@@ -81,9 +85,6 @@ def goals(results: dict) -> list[str]:
     def ratio(a, b, key):
         return by[a][key] / by[b][key] if a in by and b in by else None
 
-    def verdict(ok):
-        return "**met**" if ok else "**not met**"
-
     for ft in ("lora", "full"):
         x = ratio(f"mlx-dpo-{ft}", f"mlx-lm-lora-{ft}", "pairs_per_s")
         if x is not None:
@@ -115,11 +116,11 @@ def goals(results: dict) -> list[str]:
     for ft in ("lora", "full"):
         r = by.get(f"mlx-dpo-{ft}")
         if r and r.get("gflops_per_s"):
-            lines += utilisation_lines(ft, r, peak, verdict)
+            lines += utilisation_lines(ft, r, peak)
     return lines
 
 
-def utilisation_lines(ft: str, r: dict, peak: float, verdict) -> list[str]:
+def utilisation_lines(ft: str, r: dict, peak: float) -> list[str]:
     """The utilisation goal for one row: its median step's matmul rate against the highest matmul
     rate measured around its own runs (older results: the run's highest), with the other readings."""
     around = r.get("matmul_peaks_adjacent")
@@ -235,13 +236,10 @@ def extra_sections(results: dict, earlier) -> list[str]:
         return []
     lines = []
     if src is earlier:
-        a = earlier["args"]
         lines += [f"Scale and ablation come from a separate run ({earlier['started']}, same machine, same code), "
                   "with its own mlx-dpo rows as the baselines; its matmul rate was "
                   f"{', '.join(f'{p:.0f}' for p in _peaks(earlier))} GFLOP/s:", "",
-                  "```", f"$ .venv/bin/python scripts/bench.py --runners {a['runners']} --rounds {a['rounds']}"
-                  + (" --ablation" if a.get("ablation") else "") + (" --scale" if a.get("scale") else ""),
-                  "```", ""]
+                  "```", f"$ {command(earlier['args'])}", "```", ""]
     rows = {r["row"]: r for r in src["rows"]}
     ablation = [r for r in src["rows"] if "/" in r["row"] and r["row"].split("/")[0] in rows]
     if ablation:

@@ -18,8 +18,6 @@ HAS_OPENBLAS = sys.platform == "linux" and any(Path(p).exists() for p in OPENBLA
 
 
 def run_probe(env_extra):
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_METAL", "MLX_DPO"))}
     env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
@@ -83,7 +81,6 @@ def test_batch_table():
 
 HEAP_PROBE = """
 import resource, mlx_dpo, mlx.core as mx
-from mlx_dpo import blas_kernels
 from mlx_dpo.hardware import prepare_runtime
 mx.set_cache_limit(0)  # every freed buffer goes back to malloc, as large ones do in training
 pages = []
