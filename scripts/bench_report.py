@@ -122,20 +122,27 @@ def goals(results: dict) -> list[str]:
 
 def utilisation_lines(ft: str, r: dict, peak: float) -> list[str]:
     """The utilisation goal for one row: its median step's matmul rate against the highest matmul
-    rate measured around its own runs (older results: the run's highest), with the other readings."""
+    rate measured around its own runs (older results: the run's highest), with the other readings.
+
+    Met only when it also holds against the run's highest measurement: on a shared machine the
+    ceiling around a row's own runs can be low because the load was high for a few minutes (one
+    run measured 240 there and 294 elsewhere), and a verdict that such a dip flips is noise."""
     around = r.get("matmul_peaks_adjacent")
     ceiling = max(around) if around else peak
-    mfu = r["gflops_per_s"] / ceiling
+    mfu, mfu_run = r["gflops_per_s"] / ceiling, r["gflops_per_s"] / peak
     where = "the highest matmul rate measured around its own runs" if around else "the run's highest matmul rate"
-    lines = [f"- FLOP utilisation >= 50% of the measured matmul peak, {ft}: {100 * mfu:.0f}% of {where} "
-             f"({r['gflops_per_s']:.1f} of {ceiling:.1f} GFLOP/s) — {verdict(mfu >= 0.5)}"]
-    more = []
+    text = (f"- FLOP utilisation >= 50% of the measured matmul peak, {ft}: {100 * mfu:.0f}% of {where} "
+            f"({r['gflops_per_s']:.1f} of {ceiling:.1f} GFLOP/s)")
     if around:
-        more.append(f"against the run's highest of all, {peak:.1f}: {100 * r['gflops_per_s'] / peak:.0f}%")
+        text += f", {100 * mfu_run:.0f}% of the run's highest ({peak:.1f})"
+    text += f" — {verdict(mfu >= 0.5 and mfu_run >= 0.5)}"
+    if mfu >= 0.5 > mfu_run:
+        text += " (reached only against the lower ceiling, which the machine's load set; not counted as met)"
+    lines = [text]
     if r.get("gflops_per_step"):  # the ceiling is a best case: set the row's best case beside it
-        more.append(f"its fastest step against {ceiling:.1f}, best case against best case: "
-                    f"{100 * r['gflops_per_step'] / r['min_s'] / ceiling:.0f}%")
-    return lines + ([f"  ({'; '.join(more)})"] if more else [])
+        lines.append(f"  (its fastest step against {ceiling:.1f}, best case against best case: "
+                     f"{100 * r['gflops_per_step'] / r['min_s'] / ceiling:.0f}%)")
+    return lines
 
 
 def scale_table(rows: list[dict]) -> list[str]:
@@ -331,6 +338,28 @@ def write_docs(results: dict, docs: Path, earlier=None) -> None:
     print(f"wrote {path} and {docs / 'bench_dpo_step.png'}")
 
 
-if __name__ == "__main__":  # re-render: bench_report.py RESULTS.json [EARLIER.json with scale/ablation]
-    write_docs(json.loads(Path(sys.argv[1]).read_text()), Path(__file__).resolve().parent.parent / "docs",
-               json.loads(Path(sys.argv[2]).read_text()) if len(sys.argv) > 2 else None)
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Re-render docs/benchmarks.md's DPO step section and its PNG from scripts/bench.py's "
+                    "results, without running anything.")
+    parser.add_argument("results", type=Path, help="a results.json written by scripts/bench.py")
+    parser.add_argument("earlier", type=Path, nargs="?",
+                        help="an earlier results.json whose ablation and scale rows are shown when RESULTS has none")
+    args = parser.parse_args()
+    loaded = []
+    for path in filter(None, (args.results, args.earlier)):
+        try:
+            loaded.append(json.loads(path.read_text()))
+        except OSError as err:
+            parser.error(f"{path}: cannot read it ({err.strerror})")
+        except json.JSONDecodeError as err:
+            parser.error(f"{path}: not JSON (line {err.lineno}: {err.msg}); give a results.json from scripts/bench.py")
+        if not isinstance(loaded[-1], dict) or "rows" not in loaded[-1]:
+            parser.error(f"{path}: no \"rows\" in it; give a results.json from scripts/bench.py")
+    write_docs(loaded[0], Path(__file__).resolve().parent.parent / "docs", loaded[1] if len(loaded) > 1 else None)
+
+
+if __name__ == "__main__":
+    main()

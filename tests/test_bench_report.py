@@ -1,0 +1,53 @@
+"""scripts/bench_report.py: the utilisation goal's verdict, and its command line's errors."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "scripts" / "bench_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(gflops, around=None, **extra):
+    r = {"gflops_per_s": gflops, **extra}
+    if around:
+        r["matmul_peaks_adjacent"] = around
+    return r
+
+
+def test_utilisation_met_against_both_ceilings():
+    lines = load_report().utilisation_lines("lora", row(150.0, [250.0, 280.0]), peak=290.0)
+    assert "54% of the highest matmul rate measured around its own runs (150.0 of 280.0" in lines[0]
+    assert "52% of the run's highest (290.0)" in lines[0]
+    assert lines[0].endswith("**met**")
+
+
+def test_utilisation_reached_only_against_a_low_adjacent_ceiling_is_not_met():
+    # The 12:41 run of session 14: LoRA's own minutes peaked at 240, the run at 294.
+    lines = load_report().utilisation_lines("lora", row(121.6, [154.0, 227.0, 240.3]), peak=294.0)
+    assert "51% of the highest matmul rate measured around its own runs" in lines[0]
+    assert "41% of the run's highest" in lines[0]
+    assert "**not met**" in lines[0] and "not counted as met" in lines[0]
+
+
+def test_utilisation_of_older_results_uses_the_runs_highest():
+    lines = load_report().utilisation_lines("full", row(100.0, gflops_per_step=400.0, min_s=3.0), peak=250.0)
+    assert "40% of the run's highest matmul rate (100.0 of 250.0 GFLOP/s) — **not met**" in lines[0]
+    assert "best case against best case: 53%" in lines[1]
+
+
+def test_command_line_errors_name_the_file(tmp_path):
+    bad = tmp_path / "results.json"
+    bad.write_text('{"started": "x"}')
+    for path, message in ((tmp_path / "missing.json", "cannot read it"), (bad, 'no "rows" in it')):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_report.py"), str(path)],
+                              capture_output=True, text=True)
+        assert done.returncode == 2
+        assert f"{path}: {message}" in done.stderr
+        assert "Traceback" not in done.stderr
