@@ -16,7 +16,8 @@ with `-march=native`, against the MLX that is installed, through nanobind's sour
 nanobind domain (`mlx`) so that the kernels take and return `mx.array`s. The shared library is a
 per-machine artefact, cached in `native_dir()` (not with the run caches of $MLX_DPO_CACHE_DIR),
 keyed by the sources, MLX's and nanobind's versions, the flags and Python's ABI; concurrent
-builds (two ranks) take a file lock.
+builds (two ranks) take a file lock. A new build removes the others that no process has loaded
+for STALE_AFTER_DAYS (earlier versions of mlx-dpo, virtualenvs since deleted).
 
 Everything degrades: no compiler, no nanobind, a failed build or a module whose arrays MLX does
 not recognise (a nanobind ABI change) leaves `kernels()` None and every caller on MLX ops, as
@@ -31,9 +32,11 @@ import os
 import platform
 import shlex
 import shutil
+import string
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -52,6 +55,9 @@ FLAGS = ["-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-e
 X86_FLAGS = ["-mprefer-vector-width=512"]
 
 FALLBACK = "attention, norms, SwiGLU, RoPE and AdamW run on MLX ops (slower)"
+# Each source version, MLX and virtualenv gets its own build (~0.6 MB); when a new one is made, the
+# others that no process has loaded for this long are removed.
+STALE_AFTER_DAYS = 30
 
 _state: dict = {}
 
@@ -100,10 +106,12 @@ def build(quiet: bool = False) -> Path:
     out_dir = native_dir() / key
     target = out_dir / f"{MODULE}{suffix}"
     if target.exists():
+        _mark_used(out_dir)
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with _locked(out_dir / ".lock"):
         if target.exists():  # another process built it while we waited
+            _mark_used(out_dir)
             return target
         if not quiet:
             print("mlx-dpo: compiling its C++ CPU kernels for this machine (once, ~10-30 s)...", file=sys.stderr, flush=True)
@@ -119,7 +127,33 @@ def build(quiet: bool = False) -> Path:
             log.write_text(" ".join(command) + "\n\n" + done.stdout + done.stderr)
             raise RuntimeError(f"the C++ build failed; its log: {log}")
         partial.replace(target)  # atomic: other processes see the whole library or none
+        _mark_used(out_dir)
+    _prune_stale_builds(out_dir.parent, keep=out_dir)
     return target
+
+
+def _mark_used(build_dir: Path) -> None:
+    """Its `used` file's time says when a process last loaded this build (a read-only cache: no record)."""
+    with contextlib.suppress(OSError):
+        (build_dir / "used").touch()
+
+
+def _prune_stale_builds(root: Path, keep: Path) -> None:
+    """Remove the builds under `root` (other than `keep`) not loaded for STALE_AFTER_DAYS. Only folders
+    that are builds of this module are touched ($MLX_DPO_NATIVE_DIR may hold other things); a build
+    from before the `used` file counts from its folder's time."""
+    cutoff = time.time() - STALE_AFTER_DAYS * 86400
+    with contextlib.suppress(OSError):
+        for build_dir in root.iterdir():
+            name = build_dir.name
+            is_build = (len(name) == 16 and all(c in string.hexdigits for c in name) and build_dir.is_dir()
+                        and (build_dir / ".lock").exists())
+            if not is_build or build_dir == keep:
+                continue
+            marker = build_dir / "used" if (build_dir / "used").exists() else build_dir
+            with contextlib.suppress(OSError):
+                if marker.stat().st_mtime < cutoff:
+                    shutil.rmtree(build_dir)
 
 
 def _flags() -> list[str]:

@@ -4,8 +4,10 @@ gradients), and a machine without them falls back
 with a reason instead of failing."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -387,3 +389,41 @@ def test_adamw_updates_weight_and_moments_in_place_when_nothing_else_holds_them(
     mx.eval(p, m, v)
     assert mx.get_peak_memory() - before == pytest.approx(4 * n, rel=0.01)  # only the held weight is copied
     assert not np.array_equal(np.array(p), np.array(held))
+
+
+def test_a_new_build_removes_only_stale_builds_of_this_module(tmp_path):
+    def folder(name, files, age_days, used_age_days=None):
+        path = tmp_path / name
+        path.mkdir()
+        for file in files:
+            (path / file).touch()
+        if used_age_days is not None:
+            (path / "used").touch()
+            stamp = time.time() - used_age_days * 86400
+            os.utime(path / "used", (stamp, stamp))
+        stamp = time.time() - age_days * 86400
+        os.utime(path, (stamp, stamp))
+        return path
+
+    library = "_native.cpython-311-x86_64-linux-gnu.so"
+    stale = folder("0123456789abcdef", [".lock", library], age_days=90, used_age_days=40)
+    old_unmarked = folder("fedcba9876543210", [".lock", "build.log"], age_days=40)  # a build from before `used`
+    in_use = folder("00112233445566aa", [".lock", library], age_days=90, used_age_days=1)
+    new = folder("aabbccddeeff0011", [".lock", library], age_days=90, used_age_days=90)
+    not_ours = folder("notes", ["todo.txt"], age_days=400)
+    hex_but_not_a_build = folder("1111222233334444", ["data.bin"], age_days=400)
+
+    native._prune_stale_builds(tmp_path, keep=new)
+
+    assert not stale.exists() and not old_unmarked.exists()
+    assert in_use.exists() and new.exists() and not_ours.exists() and hex_but_not_a_build.exists()
+
+
+@needs_build
+def test_loading_a_cached_build_records_its_use():
+    _kernels()
+    build_dir = native.build(quiet=True).parent
+    used = build_dir / "used"
+    os.utime(used, (0, 0))
+    native.build(quiet=True)
+    assert used.stat().st_mtime > time.time() - 60
