@@ -3,6 +3,7 @@ a PNG plot. Only the text between the section markers is replaced; other section
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,12 +14,12 @@ def verdict(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
-def command(args: dict) -> str:
-    """The command line that made a results file."""
+def command(args: dict, write_docs: bool = True) -> str:
+    """The command line that made a results file (and its section, with `write_docs`)."""
     flags = [f"--rounds {args['rounds']}"] + [f"--{k}" for k in ("ablation", "scale") if args.get(k)]
     if args.get("runners") and "trl-full" not in args["runners"]:
         flags.insert(0, f"--runners {args['runners']}")
-    return " ".join([".venv/bin/python scripts/bench.py", *flags, "--write-docs"])
+    return " ".join([".venv/bin/python scripts/bench.py", *flags, *(["--write-docs"] if write_docs else [])])
 
 
 def _fmt(v, digits=2):
@@ -189,8 +190,10 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def section(results: dict, earlier=None) -> str:
+def section(results: dict, earlier=None, rendered_by: str = "") -> str:
+    """The section's text; `rendered_by`: the bench_report.py command line when it re-renders."""
     a = results["args"]
+    commands = [f"$ {command(a, write_docs=not rendered_by)}"] + ([f"$ {rendered_by}"] if rendered_by else [])
     lines = [START, "## DPO step throughput against peers (issue #7)", "",
              f"Measured {results['started']} on this project's Linux machine ({results['cpus']} CPUs, shared with "
              "other work, so absolute times are noisy; every row ran interleaved in the same run, "
@@ -199,7 +202,7 @@ def section(results: dict, earlier=None) -> str:
              f"Batch: {a['batch']} pairs per step, prompts ~{a['seq'] * 3 // 8} words, completions "
              f"~{a['seq'] // 2} words{_token_note(results)}. LoRA: rank 8, scale 20, every linear layer of "
              "every block.", "",
-             "```", f"$ {command(a)}", "```", "",
+             "```", *commands, "```", "",
              f"fp32 matmul rate measured by MLX (2048^3, OpenBLAS, best of 5) before the rows and after each "
              f"round: {', '.join(f'{p:.0f}' for p in _peaks(results))} GFLOP/s{_adjacent_note(results)}.", "",
              *table(results["rows"]), "",
@@ -323,12 +326,12 @@ buffer cache, 32 MiB by default for every row (`sized-cache` shows what mlx-dpo'
 cache bought and cost)."""
 
 
-def write_docs(results: dict, docs: Path, earlier=None) -> None:
+def write_docs(results: dict, docs: Path, earlier=None, rendered_by: str = "") -> None:
     plot(results if results["scale"] or not earlier else {**results, "scale": earlier["scale"]},
          docs / "bench_dpo_step.png")
     path = docs / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    new = section(results, earlier)
+    new = section(results, earlier, rendered_by)
     if START in text and END in text:
         head, rest = text.split(START, 1)
         text = head + new + rest.split(END, 1)[1]
@@ -358,7 +361,9 @@ def main() -> None:
             parser.error(f"{path}: not JSON (line {err.lineno}: {err.msg}); give a results.json from scripts/bench.py")
         if not isinstance(loaded[-1], dict) or "rows" not in loaded[-1]:
             parser.error(f"{path}: no \"rows\" in it; give a results.json from scripts/bench.py")
-    write_docs(loaded[0], Path(__file__).resolve().parent.parent / "docs", loaded[1] if len(loaded) > 1 else None)
+    rendered_by = " ".join([".venv/bin/python scripts/bench_report.py", *map(shlex.quote, sys.argv[1:])])
+    write_docs(loaded[0], Path(__file__).resolve().parent.parent / "docs", loaded[1] if len(loaded) > 1 else None,
+               rendered_by)
 
 
 if __name__ == "__main__":
