@@ -14,7 +14,8 @@
 //   OPENBLAS_CORETYPE=SkylakeX /tmp/probe_frozen_gemm
 // It prints, for SmolLM2-135M's weight shapes and 384 tokens, the best of 30 calls on one thread
 // (operands hot), then a LoRA step's order: 30 layers' 7 products, forward and input gradient,
-// on two threads at once (the two CPU streams), OpenBLAS and these kernels alternating.
+// on two threads at once (the two CPU streams), OpenBLAS and these kernels alternating, and
+// OpenBLAS on both streams' tokens at once with two threads.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -90,10 +91,11 @@ constexpr int TOKENS = 384;
 constexpr int SHAPES[7][2] = {{576, 576}, {192, 576}, {192, 576}, {576, 576}, {1536, 576}, {1536, 576}, {576, 1536}};
 
 struct Operands {
+  int m;
   std::vector<float> w, x, y, dy, dx;
-  Operands(int n, int k)
-      : w(static_cast<size_t>(n) * k), x(static_cast<size_t>(TOKENS) * k), y(static_cast<size_t>(TOKENS) * n),
-        dy(static_cast<size_t>(TOKENS) * n), dx(static_cast<size_t>(TOKENS) * k) {
+  Operands(int n, int k, int tokens = TOKENS)
+      : m(tokens), w(static_cast<size_t>(n) * k), x(static_cast<size_t>(m) * k), y(static_cast<size_t>(m) * n),
+        dy(static_cast<size_t>(m) * n), dx(static_cast<size_t>(m) * k) {
     for (auto* v : {&w, &x, &dy})
       for (auto& e : *v) e = static_cast<float>(rand()) / RAND_MAX - 0.5f;
   }
@@ -101,25 +103,25 @@ struct Operands {
 
 static void products(Operands& o, int n, int k, bool mine) {
   if (mine) {
-    forward(o.x.data(), o.w.data(), o.y.data(), TOKENS, n, k);
-    backward(o.dy.data(), o.w.data(), o.dx.data(), TOKENS, n, k);
+    forward(o.x.data(), o.w.data(), o.y.data(), o.m, n, k);
+    backward(o.dy.data(), o.w.data(), o.dx.data(), o.m, n, k);
   } else {
-    cblas_sgemm(kRowMajor, kNoTrans, kTrans, TOKENS, n, k, 1.f, o.x.data(), k, o.w.data(), k, 0.f, o.y.data(), n);
-    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, TOKENS, k, n, 1.f, o.dy.data(), n, o.w.data(), k, 0.f, o.dx.data(), k);
+    cblas_sgemm(kRowMajor, kNoTrans, kTrans, o.m, n, k, 1.f, o.x.data(), k, o.w.data(), k, 0.f, o.y.data(), n);
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, o.m, k, n, 1.f, o.dy.data(), n, o.w.data(), k, 0.f, o.dx.data(), k);
   }
 }
 
 // GFLOP/s of 30 layers' products in a step's order, `rounds` times over.
-static double step_order(bool mine, int rounds) {
+static double step_order(bool mine, int rounds, int tokens = TOKENS) {
   std::vector<Operands> layers;
   for (int l = 0; l < 30; ++l)
-    for (auto& s : SHAPES) layers.emplace_back(s[0], s[1]);
+    for (auto& s : SHAPES) layers.emplace_back(s[0], s[1], tokens);
   double flops = 0, start = now();
   for (int r = 0; r < rounds; ++r)
     for (size_t j = 0; j < layers.size(); ++j) {
       int n = SHAPES[j % 7][0], k = SHAPES[j % 7][1];
       products(layers[j], n, k, mine);
-      flops += 4.0 * TOKENS * n * k;
+      flops += 4.0 * tokens * n * k;
     }
   return flops / (now() - start) / 1e9;
 }
@@ -164,5 +166,10 @@ int main() {
       t1.join();
       t2.join();
       printf("  %s %5.1f + %5.1f = %5.1f\n", mine ? "unpacked" : "OpenBLAS", a, b, a + b);
+      if (mine) {  // the alternative to two streams: both streams' tokens in one call on both cores
+        openblas_set_num_threads(2);
+        printf("  OpenBLAS, %d tokens per call on two threads: %5.1f\n", 2 * TOKENS, step_order(false, 3, 2 * TOKENS));
+        openblas_set_num_threads(1);
+      }
     }
 }
