@@ -2,6 +2,7 @@
 a PNG plot. Only the text between the section markers is replaced; other sections stay."""
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -342,8 +343,6 @@ def write_docs(results: dict, docs: Path, earlier=None, rendered_by: str = "") -
 
 
 def main() -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(
         description="Re-render docs/benchmarks.md's DPO step section and its PNG from scripts/bench.py's "
                     "results, without running anything.")
