@@ -4,6 +4,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -189,6 +191,27 @@ def test_final_model_loads_with_mlx_lm(make_config, tiny_model, finetune):
     tokens = mx.array([[5, 6, 7, 8]])
     engine.models.policy.eval()
     assert np.allclose(np.array(model(tokens)), np.array(engine.models.policy(tokens)), atol=1e-5)
+
+
+def test_lora_final_fuses_into_a_standalone_model_with_mlx_lm_fuse(make_config, tiny_model, tmp_path):
+    """The README's way to a model without adapters: mlx-lm's own fuse reads final/ as it is."""
+    from mlx_lm import load
+
+    cfg = make_config(**{"training.max_steps": 3, "training.learning_rate": 1e-2})
+    engine = MLXEngine(cfg)
+    run_training(cfg, echo=quiet, progress=False, engine=engine)
+    fused = tmp_path / "fused"
+    done = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(tiny_model), "--adapter-path",
+                           os.path.join(cfg.logging.output_dir, "final"), "--save-path", str(fused)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    model, _ = load(str(fused))
+    base, _ = load(str(tiny_model))
+    tokens = mx.array([[5, 6, 7, 8]])
+    engine.models.policy.eval()
+    trained = np.array(engine.models.policy(tokens))
+    assert np.allclose(np.array(model(tokens)), trained, atol=1e-5)
+    assert not np.allclose(np.array(base(tokens)), trained, atol=1e-3)  # the adapters did change it
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
