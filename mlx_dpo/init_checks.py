@@ -9,7 +9,8 @@ as `mlx-dpo init-check CONFIG`.
   initial_kl               exact token KL(policy || reference) on a validation batch < 1e-6
 
 A resumed run has trained the policy on purpose: the two "policy starts as the reference"
-checks are then skipped. The model checks read MLX models; an engine without them skips those.
+checks are then skipped. The model checks read the MLX engine's models (model_compare.py) and
+the PyTorch engine's (engines/torch_compare.py); another engine skips them.
 """
 from __future__ import annotations
 
@@ -32,17 +33,16 @@ def run_init_checks(cfg, engine, pairs: list, batch_size: int, step: int = 0,
                     source: str = "validation") -> list[Check]:
     """Every check's verdict. `pairs` are encoded pairs; the first batch_size form the KL batch."""
     models = getattr(engine, "models", None)
-    if type(models).__module__ != "mlx_dpo.models":  # e.g. the PyTorch engine: compared through evaluate() only
+    mc = _model_comparisons(models)
+    if mc is None:
         models = None
     resumed = f"skipped: resumed at step {step}, the policy has trained" if step else None
     checks = []
-    if models is None:
-        why = f"skipped: {type(engine).__name__} does not expose MLX models"
+    if mc is None:
+        why = f"skipped: {type(engine).__name__} exposes no models these checks can read"
         checks += [Check(n, None, None, "", True, why, skipped=True)
                    for n in ("reference_frozen", "policy_equals_reference", "architectures_match")]
     else:
-        from . import model_compare as mc
-
         checks.append(mc.reference_frozen(models))
         checks.append(_skipped("policy_equals_reference", resumed) or mc.policy_equals_reference(models))
         checks.append(mc.architectures_match(models))
@@ -54,6 +54,20 @@ def run_init_checks(cfg, engine, pairs: list, batch_size: int, step: int = 0,
     else:
         checks.append(_skipped("initial_kl", resumed) or initial_kl(engine, pairs, batch_size, source))
     return checks
+
+
+def _model_comparisons(models):
+    """The module that reads this engine's models for the model checks; None for any other engine."""
+    kind = type(models).__module__
+    if kind == "mlx_dpo.models":
+        from . import model_compare
+
+        return model_compare
+    if kind == "mlx_dpo.engines.torch_models":
+        from .engines import torch_compare
+
+        return torch_compare
+    return None
 
 
 def _skipped(name: str, why: Optional[str]) -> Optional[Check]:

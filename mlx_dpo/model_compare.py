@@ -1,4 +1,5 @@
-"""Comparisons of the policy and the reference (MLX models, mlx-lm tokenizers) for init_checks.py.
+"""Comparisons of the policy and the reference for init_checks.py: the verdicts, the MLX models'
+side of them and the tokenizers (engines/torch_compare.py reads PyTorch models for the same verdicts).
 
 With LoRA, mlx-lm wraps each adapted linear layer: its base weight lives at `<path>.linear.weight`
 next to `lora_a` / `lora_b`, and the layer computes W x + scale * (x A) B. The policy's
@@ -7,6 +8,8 @@ separate model, or the policy with adapters off) must equal exactly that at the 
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
@@ -14,37 +17,94 @@ from .gates import Check, judge
 from .models import ADAPTER_LEAVES, Models, lora_modules
 
 
+def base_name(name: str, wrapped: set) -> Optional[str]:
+    """A parameter's name in the model without LoRA wrappers (`<path>.linear.weight` of a wrapped
+    layer is `<path>.weight`); None for the adapters themselves. Both engines name them alike."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf in ADAPTER_LEAVES:
+        return None
+    module, _, last = owner.rpartition(".")
+    return f"{module}.{leaf}" if last == "linear" and module in wrapped else name
+
+
+# -- the verdicts, from what either engine reads off its models ----------------------------------
+def separate_reference_frozen(leaked: list, misused: bool) -> Check:
+    """leaked: the reference's trainable parameters; misused: it is the policy, or in training mode."""
+    ok = not leaked and not misused
+    detail = ("separate reference model: no trainable parameters, eval mode" if ok else
+              f"the reference has {len(leaked)} trainable parameter(s) (first: {leaked[:1]}) "
+              f"or is in training mode / shared with the policy")
+    return Check("reference_frozen", None, None, "", ok, detail)
+
+
+def shared_reference_frozen(adapters: int, base_trainable: list) -> Check:
+    """The reference is the policy with its adapters off: only the adapters may train."""
+    ok = adapters > 0 and not base_trainable
+    detail = (f"reference = policy with its {adapters} LoRA adapters off; only adapters are trainable"
+              if ok else f"the policy trains {len(base_trainable)} base weight(s) (first: {base_trainable[:1]}) "
+                         f"that the adapters-off reference shares, or has no adapters ({adapters})")
+    return Check("reference_frozen", None, None, "", ok, detail)
+
+
+def equality_verdict(adapter_delta: float, policy: Optional[dict] = None, reference: Optional[dict] = None,
+                     max_diff: Optional[Callable] = None) -> Check:
+    """The policy's effective weights against the reference's: base weights by `max_diff` (inf for
+    different shapes) and the adapters' largest contribution; policy None: one shared model."""
+    if policy is None:
+        return judge("policy_equals_reference", adapter_delta, 0.0, "<=",
+                     "shared base weights; max |scale * A B| of the adapters")
+    common = sorted(set(policy) & set(reference))
+    if not common or set(policy) != set(reference):
+        return Check("policy_equals_reference", None, 0.0, "<=", False,
+                     "parameter names differ; see architectures_match")
+    diffs = {name: max_diff(policy[name], reference[name]) for name in common}
+    worst = max(diffs, key=diffs.get)
+    value = max(diffs[worst], adapter_delta)
+    detail = f"max |dW| over {len(common)} tensors" + (f" (largest at {worst})" if diffs[worst] else "")
+    if diffs[worst] == float("inf"):
+        detail = f"shapes differ at {worst}; see architectures_match"
+    return judge("policy_equals_reference", value, 0.0, "<=", detail)
+
+
+def architecture_verdict(kinds: Optional[tuple], policy_shapes: dict, reference_shapes: dict) -> Check:
+    """kinds: the two models' classes (None: one model); the shapes of their base weights by name."""
+    if kinds is None:
+        return Check("architectures_match", None, None, "", True,
+                     "one model: the reference is the policy with adapters off")
+    if kinds[0] != kinds[1]:
+        return Check("architectures_match", None, None, "", False, f"model classes differ: {kinds[0]} vs {kinds[1]}")
+    missing = sorted(set(policy_shapes) ^ set(reference_shapes))
+    if missing:
+        return Check("architectures_match", None, None, "", False,
+                     f"{len(missing)} parameter(s) in only one model, first: {missing[0]}")
+    shapes = [n for n in sorted(policy_shapes) if policy_shapes[n] != reference_shapes[n]]
+    if shapes:
+        n = shapes[0]
+        return Check("architectures_match", None, None, "", False,
+                     f"{len(shapes)} shape mismatch(es), first: {n} {policy_shapes[n]} vs {reference_shapes[n]}")
+    return Check("architectures_match", None, None, "", True,
+                 f"{kinds[0]}, {len(policy_shapes)} parameter tensors with equal shapes")
+
+
+def class_name(model) -> str:
+    return f"{type(model).__module__}.{type(model).__name__}"
+
+
+# -- MLX models ----------------------------------------------------------------------------------
 def _base_weights(model) -> dict:
     """Parameters without adapters, named as in the model without LoRA wrappers."""
     wrapped = {name for name, m in model.named_modules() if hasattr(m, "lora_a")}
-    out = {}
-    for name, value in tree_flatten(model.parameters()):
-        owner, _, leaf = name.rpartition(".")
-        if leaf in ADAPTER_LEAVES:
-            continue
-        module, _, last = owner.rpartition(".")
-        if last == "linear" and module in wrapped:  # <path>.linear.weight -> <path>.weight
-            name = f"{module}.{leaf}"
-        out[name] = value
-    return out
+    named = ((base_name(name, wrapped), value) for name, value in tree_flatten(model.parameters()))
+    return {name: value for name, value in named if name is not None}
 
 
 def reference_frozen(models: Models) -> Check:
-    trainable = [n for n, _ in tree_flatten(models.policy.trainable_parameters())]
     if models.reference is not None:
         leaked = [n for n, _ in tree_flatten(models.reference.trainable_parameters())]
-        ok = not leaked and models.reference is not models.policy and not models.reference.training
-        detail = ("separate reference model: no trainable parameters, eval mode" if ok else
-                  f"the reference has {len(leaked)} trainable parameter(s) (first: {leaked[:1]}) "
-                  f"or is in training mode / shared with the policy")
-        return Check("reference_frozen", None, None, "", ok, detail)
-    adapters = len(lora_modules(models.policy))
-    base = [n for n in trainable if n.rsplit(".", 1)[-1] not in ADAPTER_LEAVES]
-    ok = adapters > 0 and not base
-    detail = (f"reference = policy with its {adapters} LoRA adapters off; only adapters are trainable"
-              if ok else f"the policy trains {len(base)} base weight(s) (first: {base[:1]}) that the "
-                         f"adapters-off reference shares, or has no adapters ({adapters})")
-    return Check("reference_frozen", None, None, "", ok, detail)
+        return separate_reference_frozen(leaked, models.reference is models.policy or models.reference.training)
+    trainable = [n for n, _ in tree_flatten(models.policy.trainable_parameters())]
+    return shared_reference_frozen(len(lora_modules(models.policy)),
+                                   [n for n in trainable if n.rsplit(".", 1)[-1] not in ADAPTER_LEAVES])
 
 
 def _max_diff(a: mx.array, b: mx.array) -> float:
@@ -65,45 +125,22 @@ def _adapter_delta(models: Models) -> float:
 
 
 def policy_equals_reference(models: Models) -> Check:
-    adapter = _adapter_delta(models)
     if models.reference is None:
-        return judge("policy_equals_reference", adapter, 0.0, "<=",
-                     "shared base weights; max |scale * A B| of the adapters")
-    policy, reference = _base_weights(models.policy), _base_weights(models.reference)
-    common = sorted(set(policy) & set(reference))
-    if not common or set(policy) != set(reference):
-        return Check("policy_equals_reference", None, 0.0, "<=", False,
-                     "parameter names differ; see architectures_match")
-    diffs = {name: _max_diff(policy[name], reference[name]) for name in common}
-    worst = max(diffs, key=diffs.get)
-    value = max(diffs[worst], adapter)
-    detail = f"max |dW| over {len(common)} tensors" + (f" (largest at {worst})" if diffs[worst] else "")
-    if diffs[worst] == float("inf"):
-        detail = f"shapes differ at {worst}; see architectures_match"
-    return judge("policy_equals_reference", value, 0.0, "<=", detail)
+        return equality_verdict(_adapter_delta(models))
+    return equality_verdict(_adapter_delta(models), _base_weights(models.policy), _base_weights(models.reference),
+                            _max_diff)
 
 
 def architectures_match(models: Models) -> Check:
     if models.reference is None:
-        return Check("architectures_match", None, None, "", True,
-                     "one model: the reference is the policy with adapters off")
-    kinds = [f"{type(m).__module__}.{type(m).__name__}" for m in (models.policy, models.reference)]
-    if kinds[0] != kinds[1]:
-        return Check("architectures_match", None, None, "", False, f"model classes differ: {kinds[0]} vs {kinds[1]}")
+        return architecture_verdict(None, {}, {})
     policy, reference = _base_weights(models.policy), _base_weights(models.reference)
-    missing = sorted(set(policy) ^ set(reference))
-    if missing:
-        return Check("architectures_match", None, None, "", False,
-                     f"{len(missing)} parameter(s) in only one model, first: {missing[0]}")
-    shapes = [n for n in sorted(policy) if policy[n].shape != reference[n].shape]
-    if shapes:
-        n = shapes[0]
-        return Check("architectures_match", None, None, "", False,
-                     f"{len(shapes)} shape mismatch(es), first: {n} {policy[n].shape} vs {reference[n].shape}")
-    return Check("architectures_match", None, None, "", True,
-                 f"{kinds[0]}, {len(policy)} parameter tensors with equal shapes")
+    return architecture_verdict((class_name(models.policy), class_name(models.reference)),
+                                {n: tuple(v.shape) for n, v in policy.items()},
+                                {n: tuple(v.shape) for n, v in reference.items()})
 
 
+# -- tokenizers (mlx-lm's loader, for both engines) ------------------------------------------------
 def _special_tokens(tok) -> dict:
     added = getattr(tok, "added_tokens_decoder", {}) or {}
     return {"map": dict(getattr(tok, "special_tokens_map", {}) or {}),

@@ -78,7 +78,7 @@ def per_sequence_logps(m, t, batch):
           np.array(sequence_logps(reference_forward(m.models, x), y, mask))]
     tx, ty, tmask = t._tensors(batch)
     with torch.no_grad():
-        tl = [te_mod.sequence_logps(t.torch_models.policy(input_ids=tx).logits, ty, tmask).numpy(),
+        tl = [te_mod.sequence_logps(t.models.policy(input_ids=tx).logits, ty, tmask).numpy(),
               te_mod.sequence_logps(t._reference_logits(tx), ty, tmask).numpy()]
     return ml, tl
 
@@ -152,8 +152,8 @@ def test_torch_adapters_and_full_model_load_in_mlx_lm(make_config, tmp_path, tin
         model, _ = load(str(tiny_model), adapter_path=str(folder)) if finetune == "lora" else load(str(folder))
         tx, _, _ = t._tensors(batch)
         with torch.no_grad():
-            t.torch_models.policy.eval()
-            expected = t.torch_models.policy(input_ids=tx).logits.numpy()
+            t.models.policy.eval()
+            expected = t.models.policy(input_ids=tx).logits.numpy()
         assert np.abs(np.array(model(mx.array(batch.inputs))) - expected).max() < 1e-4
 
 
@@ -207,3 +207,53 @@ def test_torchrun_data_parallel_matches_one_process(tiny_model, tiny_data, tmp_p
 def test_two_processes_without_torchrun_are_refused(make_config):
     with pytest.raises(UserError, match="torchrun --standalone --nproc_per_node 2"):
         TorchEngine(make_config(**{"compute.num_devices": 2}), "cpu")
+
+
+def torch_checks(cfg, engine=None):
+    from mlx_dpo.init_checks import run_init_checks
+
+    engine = engine or TorchEngine(cfg, "cpu")
+    pairs = prepare_data(cfg, engine.tokenizer).val.pairs
+    return {c.name: c for c in run_init_checks(cfg, engine, pairs, 4)}
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_init_checks_read_the_torch_engines_models(make_config, finetune):
+    checks = torch_checks(make_config(**{"model.finetune": finetune}))
+    assert all(c.passed and not c.skipped for c in checks.values()), checks
+    assert checks["policy_equals_reference"].value == 0.0
+    if finetune == "full":  # a separate reference: compared tensor by tensor, under mlx-lm's names
+        assert checks["architectures_match"].detail.endswith("parameter tensors with equal shapes")
+        assert "max |dW| over" in checks["policy_equals_reference"].detail
+    else:
+        assert "LoRA adapters off; only adapters are trainable" in checks["reference_frozen"].detail
+
+
+def test_torch_init_checks_catch_moved_adapters_and_a_trainable_reference(make_config):
+    cfg = make_config()
+    engine = TorchEngine(cfg, "cpu")
+    with torch.no_grad():
+        engine.params[1][1].fill_(0.01)  # a lora_b: the adapters now change the weights
+    assert engine.params[1][0].endswith("lora_b")
+    engine.models.policy.get_input_embeddings().weight.requires_grad_(True)  # shared with the reference
+    checks = torch_checks(cfg, engine)
+    assert not checks["policy_equals_reference"].passed and checks["policy_equals_reference"].value > 0
+    assert not checks["reference_frozen"].passed and "embed_tokens" in checks["reference_frozen"].detail
+
+    full = make_config(**{"model.finetune": "full"})
+    engine = TorchEngine(full, "cpu")
+    engine.models.reference.requires_grad_(True)
+    assert not torch_checks(full, engine)["reference_frozen"].passed
+
+
+def test_torch_init_checks_catch_other_weights_and_shapes(make_config, tiny_model, tmp_path):
+    from conftest import build_model
+
+    other = build_model(tmp_path / "other", seed=1)
+    deeper = build_model(tmp_path / "deeper", layers=3)
+    checks = torch_checks(make_config(**{"model.finetune": "full", "model.policy_model": str(other),
+                                         "model.reference_model": str(tiny_model)}))
+    assert not checks["policy_equals_reference"].passed and checks["architectures_match"].passed
+    checks = torch_checks(make_config(**{"model.finetune": "full", "model.policy_model": str(tiny_model),
+                                         "model.reference_model": str(deeper)}))
+    assert not checks["architectures_match"].passed and "only one model" in checks["architectures_match"].detail

@@ -34,20 +34,20 @@ class TorchEngine:
         self.group = torch_dist.setup_group(cfg, device_kind)
         self.device = self.group.device
         torch.manual_seed(cfg.training.seed)  # LoRA dropout masks
-        self.torch_models = models or load_torch_models(cfg, self.device)
-        self.tokenizer = self.torch_models.tokenizer
+        self.models = models or load_torch_models(cfg, self.device)
+        self.tokenizer = self.models.tokenizer
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.notes = [f"engine: torch {torch.__version__} on {self.device} ({name})"] + self.torch_models.notes
+        self.notes = [f"engine: torch {torch.__version__} on {self.device} ({name})"] + self.models.notes
         if self.group.active:
             self.notes.append(f"data parallel: rank {self.group.rank} of {self.group.world} (torchrun)")
-        self.params = trainable(self.torch_models.policy)
+        self.params = trainable(self.models.policy)
         o = cfg.optimization
         # PyTorch's AdamW is the update MLXEngine makes (bias correction, decoupled decay).
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.training.learning_rate,
                                            betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
                                            weight_decay=o.weight_decay)
         self.loss = LOSSES[cfg.training.loss_type]
-        self._autocast = self.torch_models.autocast
+        self._autocast = self.models.autocast
 
     @property
     def ranks(self):
@@ -67,10 +67,10 @@ class TorchEngine:
 
     def _reference_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            if self.torch_models.reference is not None:
-                return self._logits(self.torch_models.reference, inputs)
-            with adapters_disabled(self.torch_models.policy):
-                return self._logits(self.torch_models.policy, inputs)
+            if self.models.reference is not None:
+                return self._logits(self.models.reference, inputs)
+            with adapters_disabled(self.models.policy):
+                return self._logits(self.models.policy, inputs)
 
     def _logps(self, logits, targets, mask):
         logps = sequence_logps(logits, targets, mask)
@@ -104,7 +104,7 @@ class TorchEngine:
     def _forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         inputs, targets, mask = self._tensors(batch)
         ref_logps = self._logps(self._reference_logits(inputs), targets, mask)
-        logits = self._logits(self.torch_models.policy, inputs)
+        logits = self._logits(self.models.policy, inputs)
         losses, cr, rr, logps = self._dpo_terms(logits, targets, mask, ref_logps)
         (losses.sum() / global_pairs).backward()  # .grad accumulates over micro-batches
         return _sums(losses.detach(), cr.detach(), rr.detach(), logps.detach(), batch)
@@ -143,7 +143,7 @@ class TorchEngine:
 
     def _evaluate(self, batch: Batch) -> dict[str, float]:
         inputs, targets, mask = self._tensors(batch)
-        policy = self.torch_models.policy
+        policy = self.models.policy
         policy.eval()
         try:
             with torch.no_grad():
@@ -164,7 +164,7 @@ class TorchEngine:
 
     def save_state(self, folder: Path) -> None:
         save_file(self.trainable_arrays(), str(folder / "adapters.safetensors"))
-        (folder / "adapter_config.json").write_text(json.dumps(self.torch_models.adapter_config, indent=2))
+        (folder / "adapter_config.json").write_text(json.dumps(self.models.adapter_config, indent=2))
         save_file(self._optimizer_arrays(), str(folder / "optimizer.safetensors"))
 
     def _optimizer_arrays(self) -> dict[str, np.ndarray]:
@@ -198,11 +198,11 @@ class TorchEngine:
     def export(self, folder: Path) -> None:
         """LoRA: adapters loadable by `mlx_lm.load(base, adapter_path=folder)`. Full: a
         Hugging Face folder, which both transformers and mlx-lm load."""
-        if self.torch_models.adapter_config["fine_tune_type"] == "lora":
+        if self.models.adapter_config["fine_tune_type"] == "lora":
             save_file(self.trainable_arrays(), str(folder / "adapters.safetensors"))
-            (folder / "adapter_config.json").write_text(json.dumps(self.torch_models.adapter_config, indent=2))
+            (folder / "adapter_config.json").write_text(json.dumps(self.models.adapter_config, indent=2))
             return
-        self.torch_models.policy.save_pretrained(folder, safe_serialization=True)
+        self.models.policy.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)  # mlx-lm's wrapper forwards to the HF tokenizer
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
