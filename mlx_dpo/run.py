@@ -56,6 +56,9 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
              f"--resume: no checkpoint in {out}; starting from step 0")
     check_run_start(cfg, engine, data, batch_size, trainer.state.step, echo)  # stage-3 gate
     guard = KLGuard.attach(trainer, echo)  # constraints.kl_target, kl_action, best.json
+    joined = engine.join_run(trainer) if cluster is None and hasattr(engine, "join_run") else None
+    if joined:  # a torchrun group: rank 0's state on every rank, at the start and on rollback
+        echo(joined)
     start = time.perf_counter()
     with cluster.training(trainer, echo) if cluster else nullcontext():  # rank 0's state, split, watchdogs
         final_eval = trainer.train()

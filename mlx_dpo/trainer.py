@@ -65,9 +65,9 @@ class Trainer:
         self.after_evaluate: list[Callable] = []
         self.after_save: list[Callable] = []
         self.protected: set[str] = set()
-        # Mid-run restore of a checkpoint (kl_guard's rollback): alone, or with every rank on
-        # one disk, each rank loads it; on several machines distributed/cluster.py swaps in
-        # "rank 0 loads, the others take its state" (only rank 0 has checkpoints there).
+        # Mid-run restore of a checkpoint (kl_guard's rollback): alone, each rank loads it; in a
+        # group (distributed/cluster.py's MLX ring, TorchEngine.join_run under torchrun) that is
+        # swapped for "rank 0 loads, the others take its state" (only rank 0 has checkpoints).
         self.restore: Callable[[Optional[Path]], None] = self._restore_from_disk
 
     # -- the loop -------------------------------------------------------------------------

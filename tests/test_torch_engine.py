@@ -197,6 +197,7 @@ def test_torchrun_data_parallel_matches_one_process(tiny_model, tiny_data, tmp_p
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "rank 1 of 2" in run.stdout + run.stderr
+    assert "rank 1 of 2: starting from rank 0's weights, optimizer state and data position (step 0)" in run.stdout
     run_training(load_config(config("single", 1)), echo=lambda line: None, progress=False)
     ddp = load_file(str(tmp_path / "ddp" / "final" / "adapters.safetensors"))
     single = load_file(str(tmp_path / "single" / "final" / "adapters.safetensors"))
@@ -257,3 +258,64 @@ def test_torch_init_checks_catch_other_weights_and_shapes(make_config, tiny_mode
     checks = torch_checks(make_config(**{"model.finetune": "full", "model.policy_model": str(tiny_model),
                                          "model.reference_model": str(deeper)}))
     assert not checks["architectures_match"].passed and "only one model" in checks["architectures_match"].detail
+
+
+RANK_SCRIPT = """
+import json, sys
+import numpy as np
+from dataclasses import asdict
+from mlx_dpo.config import load_config
+from mlx_dpo.engines.torch_engine import TorchEngine
+from mlx_dpo.trainer import RunState
+
+config, checkpoint, out = sys.argv[1:4]
+engine = TorchEngine(load_config(config), "cpu")
+rank = engine.group.rank
+state = RunState()
+if rank == 0:  # only rank 0 can see the checkpoint (no shared disk)
+    engine.load_state(__import__("pathlib").Path(checkpoint))
+    state = RunState(step=3, epoch=1, batch_index=5, skipped_steps=1)
+engine.sync_from_rank0(state)
+np.savez(f"{out}/rank{rank}.npz", **engine.trainable_arrays(),
+         **{"opt/" + k: v for k, v in engine._optimizer_arrays().items()})
+json.dump({k: v for k, v in asdict(state).items() if k != "last_eval"}, open(f"{out}/rank{rank}.json", "w"))
+"""
+
+
+def test_torchrun_ranks_take_rank0s_checkpoint_without_a_shared_disk(tiny_model, tiny_data, tmp_path):
+    """--resume and rollbacks under torchrun: rank 1 has no checkpoint, and after sync_from_rank0
+    it holds rank 0's weights, AdamW moments and step, and RunState."""
+    import socket
+
+    def config(name, world):
+        raw = {"model": {"base_model": str(tiny_model), "lora_rank": 4},
+               "data": {"train_file": str(tiny_data["train"]), "max_prompt_length": 32, "max_response_length": 32},
+               "training": {"learning_rate": 1e-2, "batch_size": 2, "max_steps": 3, "save_steps": 3,
+                            "eval_steps": 3, "seed": 0},
+               "compute": {"engine": "torch", "device": "cpu", "num_devices": world},
+               "logging": {"output_dir": str(tmp_path / name)}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps(raw))
+        return path
+
+    run_training(load_config(config("trained", 1)), echo=lambda line: None, progress=False)
+    checkpoint = tmp_path / "trained" / "checkpoint-3"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(config("pair", 2)), str(checkpoint), str(tmp_path)],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
+                                             "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    for rank in ranks:
+        output = rank.communicate(timeout=300)[0]
+        assert rank.returncode == 0, output[-3000:]
+    zero, one = (dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1))
+    saved = {**load_file(str(checkpoint / "adapters.safetensors")),
+             **{"opt/" + k: v for k, v in load_file(str(checkpoint / "optimizer.safetensors")).items()}}
+    saved.pop("opt/learning_rate")
+    assert set(saved) <= set(one) and int(one["opt/step"]) == 3
+    for name, value in saved.items():
+        assert np.array_equal(one[name], value) and np.array_equal(zero[name], value), name
+    assert json.load(open(tmp_path / "rank1.json")) == {"step": 3, "epoch": 1, "batch_index": 5, "bad_in_a_row": 0,
+                                                        "skipped_steps": 1}

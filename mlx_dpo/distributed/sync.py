@@ -51,10 +51,16 @@ def sync_from_rank0(engine, state, group, rank: int) -> None:
     policy.load_weights([(k, synced["p/" + k]) for k in params], strict=False)
     engine.optimizer.state = tree_unflatten([(k, synced["o/" + k]) for k in optimizer])
     mx.eval(policy.parameters(), engine.optimizer.state)
+    sync_run_state(state, engine.all_reduce_sum, rank)
+
+
+def sync_run_state(state, all_reduce_sum, rank: int) -> None:
+    """Overwrite `state`'s numbers (a RunState: step, data position, ...) with rank 0's, through
+    an all-sum where the other ranks give zeros. Both engines' group runs use it."""
     numeric = [f.name for f in fields(state) if isinstance(getattr(state, f.name), (int, float))
                and not isinstance(getattr(state, f.name), bool)]
     values = np.array([getattr(state, k) for k in numeric], dtype=np.float64)
-    values = engine.all_reduce_sum(values if rank == 0 else np.zeros_like(values))
+    values = all_reduce_sum(values if rank == 0 else np.zeros_like(values))
     for name, value in zip(numeric, values):
         kind = type(getattr(state, name))
         setattr(state, name, kind(round(value)) if kind is int else float(value))

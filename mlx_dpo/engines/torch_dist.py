@@ -71,6 +71,14 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+@torch.no_grad()
+def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    """Every rank's tensors take rank 0's values, in place; one collective per tensor (a one-off
+    at the start of a run or a rollback, and no flat copy of a whole model's state)."""
+    for tensor in tensors:
+        dist.broadcast(tensor, src=0)
+
+
 def all_reduce_array(values: np.ndarray, device: torch.device) -> np.ndarray:
     tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

@@ -14,6 +14,7 @@ import math
 import resource
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from ..config import Config
 from ..data.batching import Batch
+from ..distributed.sync import sync_run_state
 from ..hardware import openblas_threads
 from ..losses import LOSSES
 from ..preference_gap import pair_gaps
@@ -194,6 +196,43 @@ class TorchEngine:
                     "step": torch.tensor(step, dtype=torch.float32),
                     "exp_avg": torch.from_numpy(saved[f"{name}.m"]).to(p.device, p.dtype),
                     "exp_avg_sq": torch.from_numpy(saved[f"{name}.v"]).to(p.device, p.dtype)}
+
+    # -- a torchrun group's one starting point --------------------------------------------
+    def join_run(self, trainer) -> Optional[str]:
+        """Under torchrun, every rank starts from rank 0's weights, optimizer state and RunState
+        (its checkpoint after --resume), and a rollback restores rank 0's checkpoint on every rank:
+        logging.output_dir need not be on a disk the ranks share. Alone, nothing happens. The line
+        to print says where this rank starts."""
+        if not self.group.active:
+            return None
+
+        def restore(folder: Optional[Path]) -> None:
+            if self.group.rank == 0:
+                self.load_state(folder)
+            self.sync_from_rank0(trainer.state)
+
+        trainer.restore = restore
+        self.sync_from_rank0(trainer.state)
+        return (f"rank {self.group.rank} of {self.group.world}: starting from rank 0's weights, optimizer state and "
+                f"data position (step {trainer.state.step})")
+
+    def sync_from_rank0(self, state) -> None:
+        """This rank's trainable weights, AdamW moments and step, and `state` become rank 0's."""
+        step = 0.0
+        moments = []
+        for _, p in self.params:
+            held = self.optimizer.state.get(p)
+            if held:
+                step = float(held["step"])
+            else:  # no step taken here yet: AdamW's own starting state, for rank 0's to overwrite
+                held = self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                                  "exp_avg_sq": torch.zeros_like(p)}
+            moments += [held["exp_avg"], held["exp_avg_sq"]]
+        torch_dist.broadcast_from_rank0([p.data for _, p in self.params] + moments)
+        step = float(self.all_reduce_sum(np.array([step if self.group.rank == 0 else 0.0]))[0])
+        for _, p in self.params:
+            self.optimizer.state[p]["step"] = torch.tensor(step, dtype=torch.float32)
+        sync_run_state(state, self.all_reduce_sum, self.group.rank)
 
     def export(self, folder: Path) -> None:
         """LoRA: adapters loadable by `mlx_lm.load(base, adapter_path=folder)`. Full: a
