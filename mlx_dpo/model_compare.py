@@ -46,48 +46,49 @@ def shared_reference_frozen(adapters: int, base_trainable: list) -> Check:
     return Check("reference_frozen", None, None, "", ok, detail)
 
 
-def equality_verdict(adapter_delta: float, policy: Optional[dict] = None, reference: Optional[dict] = None,
-                     max_diff: Optional[Callable] = None) -> Check:
-    """The policy's effective weights against the reference's: base weights by `max_diff` (inf for
-    different shapes) and the adapters' largest contribution; policy None: one shared model."""
-    if policy is None:
-        return judge("policy_equals_reference", adapter_delta, 0.0, "<=",
+def equality_verdict(models, base_weights: Callable, adapter_delta: Callable, max_diff: Callable) -> Check:
+    """The policy's effective weights against the reference's, for either engine's model pair
+    (`.policy`, `.reference`; None: the policy with adapters off), through its readers: the base
+    weights by name, the adapters' largest contribution, a tensor pair's largest difference (inf
+    for different shapes)."""
+    adapter = adapter_delta(models)
+    if models.reference is None:
+        return judge("policy_equals_reference", adapter, 0.0, "<=",
                      "shared base weights; max |scale * A B| of the adapters")
+    policy, reference = base_weights(models.policy), base_weights(models.reference)
     common = sorted(set(policy) & set(reference))
     if not common or set(policy) != set(reference):
         return Check("policy_equals_reference", None, 0.0, "<=", False,
                      "parameter names differ; see architectures_match")
     diffs = {name: max_diff(policy[name], reference[name]) for name in common}
     worst = max(diffs, key=diffs.get)
-    value = max(diffs[worst], adapter_delta)
+    value = max(diffs[worst], adapter)
     detail = f"max |dW| over {len(common)} tensors" + (f" (largest at {worst})" if diffs[worst] else "")
     if diffs[worst] == float("inf"):
         detail = f"shapes differ at {worst}; see architectures_match"
     return judge("policy_equals_reference", value, 0.0, "<=", detail)
 
 
-def architecture_verdict(kinds: Optional[tuple], policy_shapes: dict, reference_shapes: dict) -> Check:
-    """kinds: the two models' classes (None: one model); the shapes of their base weights by name."""
-    if kinds is None:
+def architecture_verdict(models, base_weights: Callable) -> Check:
+    """Same model class, parameter names and shapes, for either engine's model pair."""
+    if models.reference is None:
         return Check("architectures_match", None, None, "", True,
                      "one model: the reference is the policy with adapters off")
+    kinds = [f"{type(m).__module__}.{type(m).__name__}" for m in (models.policy, models.reference)]
     if kinds[0] != kinds[1]:
         return Check("architectures_match", None, None, "", False, f"model classes differ: {kinds[0]} vs {kinds[1]}")
-    missing = sorted(set(policy_shapes) ^ set(reference_shapes))
+    policy, reference = base_weights(models.policy), base_weights(models.reference)
+    missing = sorted(set(policy) ^ set(reference))
     if missing:
         return Check("architectures_match", None, None, "", False,
                      f"{len(missing)} parameter(s) in only one model, first: {missing[0]}")
-    shapes = [n for n in sorted(policy_shapes) if policy_shapes[n] != reference_shapes[n]]
+    shapes = [n for n in sorted(policy) if tuple(policy[n].shape) != tuple(reference[n].shape)]
     if shapes:
         n = shapes[0]
-        return Check("architectures_match", None, None, "", False,
-                     f"{len(shapes)} shape mismatch(es), first: {n} {policy_shapes[n]} vs {reference_shapes[n]}")
+        return Check("architectures_match", None, None, "", False, f"{len(shapes)} shape mismatch(es), first: "
+                     f"{n} {tuple(policy[n].shape)} vs {tuple(reference[n].shape)}")
     return Check("architectures_match", None, None, "", True,
-                 f"{kinds[0]}, {len(policy_shapes)} parameter tensors with equal shapes")
-
-
-def class_name(model) -> str:
-    return f"{type(model).__module__}.{type(model).__name__}"
+                 f"{kinds[0]}, {len(policy)} parameter tensors with equal shapes")
 
 
 # -- MLX models ----------------------------------------------------------------------------------
@@ -125,19 +126,11 @@ def _adapter_delta(models: Models) -> float:
 
 
 def policy_equals_reference(models: Models) -> Check:
-    if models.reference is None:
-        return equality_verdict(_adapter_delta(models))
-    return equality_verdict(_adapter_delta(models), _base_weights(models.policy), _base_weights(models.reference),
-                            _max_diff)
+    return equality_verdict(models, _base_weights, _adapter_delta, _max_diff)
 
 
 def architectures_match(models: Models) -> Check:
-    if models.reference is None:
-        return architecture_verdict(None, {}, {})
-    policy, reference = _base_weights(models.policy), _base_weights(models.reference)
-    return architecture_verdict((class_name(models.policy), class_name(models.reference)),
-                                {n: tuple(v.shape) for n, v in policy.items()},
-                                {n: tuple(v.shape) for n, v in reference.items()})
+    return architecture_verdict(models, _base_weights)
 
 
 # -- tokenizers (mlx-lm's loader, for both engines) ------------------------------------------------

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..gates import Check
-from ..model_compare import (architecture_verdict, base_name, class_name, equality_verdict,
-                             separate_reference_frozen, shared_reference_frozen)
+from ..model_compare import (architecture_verdict, base_name, equality_verdict, separate_reference_frozen,
+                             shared_reference_frozen)
 from ..models import ADAPTER_LEAVES
 from .torch_models import LoRALinear, TorchModels, lora_layers
 
@@ -47,16 +47,8 @@ def _adapter_delta(models: TorchModels) -> float:
 
 
 def policy_equals_reference(models: TorchModels) -> Check:
-    if models.reference is None:
-        return equality_verdict(_adapter_delta(models))
-    return equality_verdict(_adapter_delta(models), _base_weights(models.policy), _base_weights(models.reference),
-                            _max_diff)
+    return equality_verdict(models, _base_weights, _adapter_delta, _max_diff)
 
 
 def architectures_match(models: TorchModels) -> Check:
-    if models.reference is None:
-        return architecture_verdict(None, {}, {})
-    policy, reference = _base_weights(models.policy), _base_weights(models.reference)
-    return architecture_verdict((class_name(models.policy), class_name(models.reference)),
-                                {n: tuple(p.shape) for n, p in policy.items()},
-                                {n: tuple(p.shape) for n, p in reference.items()})
+    return architecture_verdict(models, _base_weights)
