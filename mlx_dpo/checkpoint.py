@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 NAME = re.compile(r"^checkpoint-(\d+)$")
+ANY_NAME = re.compile(r"^(checkpoint-\d+|\.(tmp|old)-checkpoint-\d+-\d+)$")  # complete, or a save cut short
 STATE_FILE = "state.json"
 METRICS_FILE = "training_metrics.json"
 
@@ -55,6 +56,10 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in output_dir.iterdir()
              if (m := NAME.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return ANY_NAME.match(name) is not None
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:

@@ -7,6 +7,8 @@ unknown keys, wrong types and impossible values raise `ConfigError` naming file 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,9 +225,10 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] = 
     raw: dict = {}
     if path is not None:
         raw = _read_yaml(Path(path))
+    given = {}  # (section, key) -> the --set item: errors in its value name the --set, not the file
     for item in overrides:
-        _apply_override(raw, item, source)
-    cfg = _build(raw, source)
+        given[_apply_override(raw, item, source)] = item
+    cfg = _build(raw, source, given)
     _resolve_paths(cfg, base_dir)
     _check_semantics(cfg)
     return cfg
@@ -249,7 +252,7 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _apply_override(raw: dict, item: str, source: str) -> None:
+def _apply_override(raw: dict, item: str, source: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2:
@@ -257,10 +260,25 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
     section = raw.setdefault(parts[0], {})
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: section {parts[0]!r} must be a mapping")
-    section[parts[1]] = yaml.safe_load(value) if value.strip() else None
+    section[parts[1]] = _override_value(value)
+    return parts[0], parts[1]
 
 
-def _build(raw: dict, source: str) -> Config:
+def _override_value(text: str) -> Any:
+    """A --set value read as YAML (numbers, true/false, [lists]); text that YAML cannot read, or
+    that holds a '#' (a comment to YAML, a character of the value on a command line), is taken
+    as the string it is, so `data.train_file=*.jsonl` or `output_dir=runs/#3` mean what they say."""
+    if not text.strip():
+        return None
+    if "#" in text:
+        return text.strip()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text.strip()
+
+
+def _build(raw: dict, source: str, given: Optional[dict] = None) -> Config:
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; allowed: {sorted(SECTIONS)}")
@@ -270,11 +288,11 @@ def _build(raw: dict, source: str) -> Config:
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {name!r} must be a mapping of keys")
-        sections[name] = _build_section(cls, name, values, source)
+        sections[name] = _build_section(cls, name, values, source, given or {})
     return Config(**sections, source=source)
 
 
-def _build_section(cls, section: str, values: dict, source: str):
+def _build_section(cls, section: str, values: dict, source: str, given: dict):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
     if unknown:
@@ -283,8 +301,12 @@ def _build_section(cls, section: str, values: dict, source: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        where = f"{source}: {section}.{name}"
-        kwargs[name] = _check_value(where, _coerce(where, hints[name], value), fields[name].metadata)
+        item = given.get((section, name))
+        where = f"--set {item}" if item else f"{source}: {section}.{name}"
+        meta = fields[name].metadata
+        if isinstance(value, bool) and {"on", "off"} <= set(meta.get("choices") or ()):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+        kwargs[name] = _check_value(where, _coerce(where, hints[name], value), meta)
     return cls(**kwargs)
 
 
@@ -309,9 +331,13 @@ def _coerce(where: str, hint, value: Any) -> Any:
         return value
     if kind is float and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            pass
+            number = None
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return number
     if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     if kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -366,14 +392,36 @@ def _check_semantics(cfg: Config) -> None:
                           f"than training.max_steps ({cfg.training.max_steps})")
     if cfg.training.batch_size != "auto" and cfg.training.batch_size < 1:
         raise ConfigError(f"{cfg.source}: training.batch_size must be >= 1 or 'auto'")
+    if cfg.model.lora_layers == 0:  # mlx-lm would read 0 as layers[-0:], i.e. every block
+        raise ConfigError(f"{cfg.source}: model.lora_layers: 0 blocks would train nothing; "
+                          "give -1 (every block) or a count >= 1")
+    if cfg.model.lora_keys == []:
+        raise ConfigError(f"{cfg.source}: model.lora_keys: an empty list adapts nothing; "
+                          "leave the key out to adapt every linear layer")
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # what a Hugging Face repo id can look like
 
 
 def check_files(cfg: Config) -> None:
-    """Fail early, before any model loads, when an input file is missing."""
+    """Fail early, before any model loads, when an input file or a local model folder is wrong."""
     for key in ("train_file", "validation_file"):
         value = getattr(cfg.data, key)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{cfg.source}: data.{key}: file not found: {value}")
+    for key in ("base_model", "reference_model", "policy_model"):
+        value = getattr(cfg.model, key)
+        if value is None:
+            continue
+        where, path = f"{cfg.source}: model.{key}: {value}", Path(value).expanduser()
+        if path.is_file():
+            raise ConfigError(f"{where} is a file; give an mlx-lm model folder (with config.json) "
+                              "or a Hugging Face id")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ConfigError(f"{where}: not an mlx-lm model folder (no config.json in it)")
+        if not path.exists() and not HUB_ID.fullmatch(value):
+            raise ConfigError(f"{where}: folder not found (and not a Hugging Face id, which looks "
+                              "like 'org/name')")
 
 
 def describe() -> list[tuple[str, str, Any, str]]:

@@ -57,6 +57,7 @@ def load_models(cfg: Config, device_kind: str = "cpu") -> Models:
             lora["keys"] = list(cfg.model.lora_keys)
         policy.freeze()
         mx.random.seed(cfg.training.seed)  # LoRA A matrices are drawn from the global RNG
+        _check_lora_keys(cfg, policy)
         linear_to_lora_layers(policy, num_layers, lora)
         cpu_lora.use_addmm(policy)
         adapter_config["lora_parameters"] = lora
@@ -68,6 +69,21 @@ def load_models(cfg: Config, device_kind: str = "cpu") -> Models:
         notes.append("gradient checkpointing: off")
     policy.train()
     return Models(policy, reference, tokenizer, model_config, adapter_config, notes)
+
+
+def _check_lora_keys(cfg: Config, policy: nn.Module) -> None:
+    """mlx-lm adapts the modules whose path inside a block equals a key, and skips a key that
+    names none: a typo would leave those layers untrained without a word."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    kinds = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear, nn.Embedding,
+             nn.QuantizedEmbedding)  # what mlx-lm's linear_to_lora_layers can convert
+    adaptable = sorted({name for block in policy.layers for name, module in block.named_modules()
+                        if hasattr(module, "to_lora") or isinstance(module, kinds)})
+    unknown = [key for key in cfg.model.lora_keys or () if key not in adaptable]
+    if unknown:
+        raise UserError(f"{cfg.source}: model.lora_keys: {', '.join(unknown)}: no such layer in a "
+                        f"transformer block; the layers LoRA can adapt are: {', '.join(adaptable)}")
 
 
 def _load(path: str, trust_remote_code: bool):

@@ -6,7 +6,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from . import checkpoint
 from .autotune import resolve_batch_size
@@ -32,8 +32,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
     if cluster is not None:
         ranks, echo = cluster.ranks, cluster.quiet(echo)
     out = Path(cfg.logging.output_dir)
-    # torchrun's rank is known before the engine exists: only rank 0 may delete a folder
-    _check_output_dir(out, resume, overwrite, ranks.rank == 0 and os.environ.get("RANK", "0") == "0")
+    earlier_run = _check_output_dir(out, resume, overwrite)
     device = select_device(cfg)
     engine = engine or make_engine(cfg, device)
     if cluster is not None:
@@ -49,11 +48,19 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
     for line in data.messages:
         echo(line)
     precompute_reference(cfg, engine, data.train, batch_size, echo)  # training.precompute_reference
+    # --overwrite: the earlier run goes only now that this one has its model and data, and
+    # torchrun's rank is known here too: only rank 0 deletes
+    if earlier_run and ranks.rank == 0 and os.environ.get("RANK", "0") == "0":
+        echo(f"--overwrite: removing the earlier run in {out} ({', '.join(p.name for p in earlier_run)})")
+        for path in earlier_run:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     trainer = Trainer(cfg, engine, data.train, data.val, batch_size, ranks, echo, progress)
     if resume:
         folder = trainer.resume()
         echo(f"resumed from {folder} (step {trainer.state.step})" if folder else
              f"--resume: no checkpoint in {out}; starting from step 0")
+        for line in _changed_settings(trainer.resumed_config, cfg.to_dict()):
+            echo(line)
     check_run_start(cfg, engine, data, batch_size, trainer.state.step, echo)  # stage-3 gate
     guard = KLGuard.attach(trainer, echo)  # constraints.kl_target, kl_action, best.json
     joined = engine.join_run(trainer) if cluster is None and hasattr(engine, "join_run") else None
@@ -71,14 +78,40 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
     return summary
 
 
-def _check_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
-    if resume or not checkpoint.list_checkpoints(out):
-        return
+RUN_FILES = ("final", "metrics.jsonl", "best.json")  # with checkpoint-N and interrupted saves
+
+
+def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> list[Path]:
+    """What an earlier run left in `out` that --overwrite will remove (other files stay); raises
+    when a run is there and neither --resume nor --overwrite says what to do with it."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: --resume continues the run in "
+                        f"{out}, --overwrite deletes it; pass one")
+    earlier = sorted(p for p in out.iterdir() if p.name in RUN_FILES or checkpoint.is_checkpoint_name(p.name)) \
+        if out.is_dir() else []
+    if not earlier or (resume and checkpoint.list_checkpoints(out)):
+        return []
+    if resume:
+        raise UserError(f"--resume: {out} has no checkpoint to continue from, only a finished or cleaned-up "
+                        f"run ({', '.join(p.name for p in earlier)}): pass --overwrite to start again there, "
+                        "or choose another logging.output_dir")
     if not overwrite:
-        raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, "
-                        "--overwrite to start again, or choose another logging.output_dir")
-    if is_main:
-        shutil.rmtree(out)
+        raise UserError(f"{out} already holds a run ({', '.join(p.name for p in earlier)}): pass --resume to "
+                        "continue it, --overwrite to start again, or choose another logging.output_dir")
+    return earlier
+
+
+def _changed_settings(saved: Optional[dict], now: dict) -> list[str]:
+    """A line per setting that differs from the resumed checkpoint's run, so that a resume that is
+    not the same run (another beta, other data) says so; changing max_steps to extend a run is common."""
+    if not saved:
+        return []
+    changes = [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+               for section, values in now.items() if section in saved
+               for key, value in values.items() if key in saved[section] and saved[section][key] != value]
+    if not changes:
+        return []
+    return [f"--resume: {len(changes)} setting(s) differ from the checkpoint's run: {'; '.join(changes)}"]
 
 
 def _fresh(folder: Path) -> Path:

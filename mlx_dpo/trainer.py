@@ -55,6 +55,7 @@ class Trainer:
         self.out = Path(cfg.logging.output_dir)
         self.is_main = ranks.rank == 0
         self.log = MetricsLog(cfg, enabled=self.is_main, echo=echo)
+        self.resumed_config: Optional[dict] = None  # the config of the run that resume() continued
         self.state = RunState()
         self.progress = progress and self.is_main
         self._lengths = [p.length for p in train.pairs]
@@ -200,6 +201,7 @@ class Trainer:
         if folder is None:
             return None
         saved = checkpoint.read_state(folder)
+        self.resumed_config = saved.get("config")
         self.engine.load_state(folder)
         self.state = RunState(**{k: saved[k] for k in asdict(RunState()) if k in saved})
         self._truncate_metrics_after(self.state.step)

@@ -91,3 +91,52 @@ def test_config_reference_in_docs_is_current():
     script = Path(__file__).parent.parent / "scripts" / "make_config_docs.py"
     result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_set_values_yaml_cannot_read_are_strings_and_errors_name_the_set(tmp_path):
+    path = write(tmp_path, BASE)
+    cfg = load_config(path, ("data.train_file=*.jsonl", "logging.output_dir=runs/a #1",
+                             "logging.wandb_run_name=@run1"))
+    assert cfg.data.train_file.endswith("*.jsonl") and cfg.logging.output_dir.endswith("runs/a #1")
+    assert cfg.logging.wandb_run_name == "@run1"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ("training.beta=[1",))
+    assert str(err.value).startswith("--set training.beta=[1: expected a number")
+    with pytest.raises(ConfigError) as err:  # the file is fine: the --set is what is wrong
+        load_config(path, ("training.beta=0",))
+    assert str(err.value).startswith("--set training.beta=0: 0.0 is out of range")
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match="training.learning_rate: expected a finite number"):
+        load_config(write(tmp_path, BASE + f"training: {{learning_rate: {value}}}"))
+
+
+def test_chat_template_on_and_off_as_documented(tmp_path):
+    # YAML 1.1 reads a bare on/off as a boolean; the documented values must still work
+    assert load_config(write(tmp_path, BASE), ("data.chat_template=off",)).data.chat_template == "off"
+    assert load_config(write(tmp_path, BASE + "data: {train_file: t.jsonl, chat_template: on}")
+                       ).data.chat_template == "on"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("model: {base_model: m, lora_layers: 0}", "model.lora_layers: 0 blocks would train nothing"),
+    ("model: {base_model: m, lora_keys: []}", "model.lora_keys: an empty list adapts nothing"),
+])
+def test_lora_settings_that_would_adapt_nothing_are_refused(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, extra + "\ndata: {train_file: t.jsonl}\n"))
+
+
+def test_model_paths_are_checked_before_any_model_loads(tmp_path):
+    (tmp_path / "t.jsonl").write_text("")
+    (tmp_path / "empty-folder").mkdir()
+    for value, message in [("t.jsonl", "is a file; give an mlx-lm model folder"),
+                           ("empty-folder", "not an mlx-lm model folder (no config.json in it)"),
+                           (str(tmp_path / "no" / "such" / "model"), "folder not found")]:
+        cfg = load_config(write(tmp_path, BASE), (f"model.base_model={value}",), base_dir=tmp_path)
+        with pytest.raises(ConfigError, match=r"model\.base_model: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+            check_files(cfg)
+    hub_id = load_config(write(tmp_path, BASE), ("model.base_model=org/name",), base_dir=tmp_path)
+    check_files(hub_id)  # not a local path: left to the Hugging Face Hub

@@ -350,6 +350,8 @@ def test_launch_rejects_bad_input_with_exit_code_2(tmp_path, make_config):
     assert result.exit_code == 2 and "training.beta" in result.output
     result = runner.invoke(main, ["launch", "--hostfile", str(hosts), "--python", "/no/such/python", str(cfg)])
     assert result.exit_code == 2 and "--python /no/such/python: no such executable" in result.output
+    result = runner.invoke(main, ["launch", "--hostfile", str(hosts), "--resume", "--overwrite", str(cfg)])
+    assert result.exit_code == 2 and "pass one" in result.output
     result = runner.invoke(main, ["launch", "--hostfile", str(hosts), "--dry-run", str(cfg)])
     assert result.exit_code == 0 and "<secret>" in result.output and result.output.count("-m mlx_dpo train") == 2
 

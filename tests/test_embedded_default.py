@@ -28,3 +28,17 @@ def test_embedded_default_run_reaches_accuracy_and_kl_targets(tmp_path, monkeypa
     assert final["eval/rewards/accuracies"] >= 0.8 and final["eval/kl"] <= 0.1
     assert "validation reward accuracy:" in result.output and "within kl_target" in result.output
     assert (tmp_path / "outputs" / "smoke" / "final" / "adapters.safetensors").exists()
+
+
+def test_running_the_smoke_default_again_replaces_its_own_earlier_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    short = ["train", "--no-progress", "--set", "training.warmup_steps=0", "--set", "training.eval_steps=100"]
+    first = CliRunner().invoke(main, [*short, "--set", "training.max_steps=2"])
+    assert first.exit_code == 0, first.output
+    (tmp_path / "outputs" / "smoke" / "NOTES.txt").write_text("mine")
+    again = CliRunner().invoke(main, [*short, "--set", "training.max_steps=1"])
+    assert again.exit_code == 0, again.output
+    assert "--overwrite: removing the earlier run" in again.output
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "outputs" / "smoke" / "metrics.jsonl")]
+    assert max(steps) == 1 and steps.count(0) == 1  # the earlier run's rows are gone, not mixed in
+    assert (tmp_path / "outputs" / "smoke" / "NOTES.txt").read_text() == "mine"

@@ -239,6 +239,6 @@ def test_bad_record_is_reported_before_any_model_loads(make_config, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 1}\n')
-    cfg = make_config(**{"data.train_file": str(bad), "model.base_model": str(tmp_path / "no-such-model")})
+    cfg = make_config(**{"data.train_file": str(bad), "model.base_model": "no-such-org/no-such-model"})  # would need the Hub
     with pytest.raises(RecordError, match=r"bad.jsonl:2: missing field\(s\) rejected"):
         run_training(cfg, echo=quiet, progress=False)

@@ -18,14 +18,16 @@ import click
               help="First TCP port: the ring uses one per address, the control link the next one.")
 @click.option("--secret-file", type=click.Path(dir_okay=False),
               help="File holding the shared secret, at this path on every machine (mode 600). "
-                   "Default: $MLX_DPO_SECRET, else a fresh random secret for this run.")
+                   "Default: $MLX_DPO_SECRET_FILE, else the secret in $MLX_DPO_SECRET, else a fresh "
+                   "random secret for this run.")
 @click.option("--python", "python", default=sys.executable, show_default="this Python",
               help="Python interpreter with mlx-dpo installed, on every machine.")
 @click.option("--cwd", default=None, help="Working directory on every machine. Default: the current one.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config value on every rank (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from rank 0's newest checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing run in logging.output_dir and start again.")
+@click.option("--overwrite", is_flag=True,
+              help="Start again where logging.output_dir holds an earlier run (as `mlx-dpo train --overwrite`).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (log lines only).")
 @click.option("--dry-run", is_flag=True, help="Print each rank's command and exit.")
 def launch(config, hostfile, split, port, secret_file, python, cwd, overrides, resume, overwrite,
@@ -45,6 +47,8 @@ def launch(config, hostfile, split, port, secret_file, python, cwd, overrides, r
     from ..distributed.secret import SECRET_ENV, SECRET_FILE_ENV, new_secret
     from ..distributed.split import parse_split
 
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in logging.output_dir, --overwrite deletes it: pass one")
     hosts, _ = read_hostfile(hostfile)
     check_tools(hosts, python)
     if split is not None:

@@ -21,8 +21,13 @@ def load_train_config(config_path, overrides):
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config value, e.g. --set training.beta=0.2 (repeatable).")
-@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in logging.output_dir.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing run in logging.output_dir and start again.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest complete checkpoint in logging.output_dir (settings that differ "
+                   "from that run's are listed).")
+@click.option("--overwrite", is_flag=True,
+              help="Start again where logging.output_dir holds an earlier run: its checkpoints, final model, "
+                   "metrics.jsonl and best.json are removed once the new run has loaded its model and data; "
+                   "other files there stay.")
 @click.option("--skip-bad-records", is_flag=True,
               help="Skip malformed records (and report how many) instead of stopping at the first.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (log lines only).")
@@ -40,6 +45,8 @@ def train(config, overrides, resume, overwrite, skip_bad_records, no_progress, s
 
     from ..run import run_training
 
+    if smoke and (resume or overwrite):
+        raise click.UsageError("--smoke writes only to a temporary folder: --resume and --overwrite do not apply")
     if skip_bad_records:
         overrides = (*overrides, "data.on_bad_record=skip")
     cfg = load_train_config(config, overrides)
@@ -49,5 +56,7 @@ def train(config, overrides, resume, overwrite, skip_bad_records, no_progress, s
 
         run_smoke(cfg, echo=click.echo)
         return
+    # The bundled smoke run replaces its own earlier outputs/smoke: running it again is what it is for.
+    overwrite = overwrite or (config is None and not resume)
     run_training(cfg, resume=resume, overwrite=overwrite, progress=not no_progress,
                  echo=lambda line: tqdm.write(line))
