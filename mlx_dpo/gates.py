@@ -3,13 +3,14 @@
   preference_data  (stage 2)  the pair file: #3's `validate_dpo_pairs` gates (pairs, gap,
                               decontamination, conflicts, malformed records)
   dpo_training     (stage 5)  a checkpoint's validation KL <= kl_target and preference gap
-                              >= preference_gap_target, or a KL given by hand
+                              >= preference_gap_target, or a KL given by hand (not both)
   evaluation       (stage 7)  capability retention >= capability_retention_target (percent),
                               given by hand or from an evaluation report (eval_report.py)
 
 Thresholds come from a config's `constraints` section (a Config, a YAML path or a dict), else
 from the checkpoint's recorded config, else from the defaults (the workflow's numbers).
-A missing input or an unknown stage is a `GateInputError` (exit 2), never a failed gate.
+A missing input, an unknown stage, a hand-given value that is impossible (NaN, infinite or
+negative) or one the checkpoint also supplies is a `GateInputError` (exit 2), never a failed gate.
 """
 from __future__ import annotations
 
@@ -110,19 +111,39 @@ def stage_checks(stage: str, dpo_pairs_path=None, kl_divergence=None, capability
         return _preference_data(dpo_pairs_path, config, scores, benchmarks)
     if stage == "dpo_training":
         _need(stage, "a checkpoint (--checkpoint) or kl_divergence (--kl)", checkpoint_dir, kl_divergence)
-        return dpo_training_checks(config, checkpoint_dir, kl_divergence)
+        if checkpoint_dir is not None and kl_divergence is not None:
+            raise GateInputError("stage dpo_training takes --checkpoint or --kl, not both: the checkpoint "
+                                 "supplies its measured KL; give one of them")
+        kl = _hand_given("kl_divergence (--kl)", kl_divergence, "a KL divergence: a finite number >= 0")
+        return dpo_training_checks(config, checkpoint_dir, kl)
     if stage == "evaluation":
         _need(stage, "capability_retention (--retention) or an evaluation report (--report)",
               capability_retention, report_path)
         from .eval_report import evaluation_checks
 
-        return evaluation_checks(constraints_of(config), capability_retention, report_path)
+        # No upper bound: a model can score above its SFT baseline (retention > 100 %).
+        retention = _hand_given("capability_retention (--retention)", capability_retention,
+                                "a percentage of the SFT baseline: a finite number >= 0")
+        return evaluation_checks(constraints_of(config), retention, report_path)
     raise GateInputError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 
 def _need(stage: str, what: str, *values) -> None:
     if all(v is None for v in values):
         raise GateInputError(f"stage {stage} needs {what}")
+
+
+def _hand_given(what: str, value, allowed: str) -> Optional[float]:
+    """A number given by hand; NaN, infinite or negative is bad input (exit 2), not a failed gate."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise GateInputError(f"{what} must be {allowed}, got {value!r}")
+    return number
 
 
 def _preference_data(path, config, scores, benchmarks) -> list[Check]:
@@ -180,7 +201,8 @@ def enforce_gates(stage: str, dpo_pairs_path: Optional[Path] = None, kl_divergen
                   echo: Callable[[str], None] = print) -> bool:
     """Check the gates of `stage`, print each metric with its target and verdict, and return
     True when all pass. Raises GateInputError (a UserError, exit 2) for an unknown stage or a
-    missing input; the workflow template printed and returned False there instead."""
+    missing, conflicting or impossible input; the workflow template printed and returned False
+    there instead."""
     checks = stage_checks(stage, dpo_pairs_path, kl_divergence, capability_retention,
                           checkpoint_dir=checkpoint_dir, report_path=report_path, config=config,
                           scores=scores, benchmarks=benchmarks)

@@ -114,10 +114,17 @@ def run_finished(output_dir: Path) -> bool:
 def watch(output_dir, config=None, recompute: bool = True, interval: float = 10.0,
           timeout: Optional[float] = None, echo: Callable[[str], None] = print) -> Optional[dict]:
     """Print a line for each new checkpoint until the run finishes (or `timeout` seconds pass
-    without a new one); returns the newest checkpoint's result."""
+    without a new one); returns the newest checkpoint's result.
+
+    A missing `output_dir` may be a run that has not started yet: it is waited for, but a
+    timeout before it ever appears is a UserError (exit 2; most likely a typo in the path)."""
     out, seen, last, scorer = Path(output_dir), set(), None, None
+    appeared = out.is_dir()
+    if not appeared:
+        echo(f"waiting for {out} to appear (the run has not started yet?)")
     idle_since = time.monotonic()
     while True:
+        appeared = appeared or out.is_dir()
         for folder in checkpoint.list_checkpoints(out):
             if folder.name in seen:
                 continue
@@ -137,6 +144,8 @@ def watch(output_dir, config=None, recompute: bool = True, interval: float = 10.
             echo(f"run finished: {out / 'final'}")
             return last
         if timeout is not None and time.monotonic() - idle_since > timeout:
+            if not appeared:
+                raise UserError(f"{out} never appeared in {timeout:g} s: stopped watching (a typo in the path?)")
             echo(f"no new checkpoint in {timeout:g} s: stopped watching")
             return last
         time.sleep(interval)

@@ -134,6 +134,34 @@ def test_dpo_training_bad_input_exit_2(tmp_path, checkpoint):
     assert gates("dpo_training", "--checkpoint", broken).exit_code == 2
 
 
+def test_dpo_training_checkpoint_and_kl_by_hand_conflict(checkpoint):
+    # The checkpoint supplies its measured KL: a KL by hand next to it used to be ignored silently.
+    folder = checkpoint({"step": 10, "kl_divergence": 0.05, "eval/preference_gap": 0.3})
+    result = gates("dpo_training", "--checkpoint", folder, "--kl", 5)
+    assert result.exit_code == 2 and "--checkpoint or --kl, not both" in result.output, result.output
+
+
+@pytest.mark.parametrize("stage, option, value", [
+    ("dpo_training", "--kl", "-1"), ("dpo_training", "--kl", "nan"), ("dpo_training", "--kl", "inf"),
+    ("evaluation", "--retention", "-5"), ("evaluation", "--retention", "nan"),
+    ("evaluation", "--retention", "inf"),
+])
+def test_impossible_value_by_hand_is_bad_input(stage, option, value):
+    """A negative, NaN or infinite value cannot be measured: bad input (2), not PASS or FAIL."""
+    result = gates(stage, option, value)
+    assert result.exit_code == 2, result.output
+    assert f"({option}) must be" in result.output and "finite number >= 0" in result.output
+    assert f"got {float(value)!r}" in result.output
+
+
+@pytest.mark.parametrize("stage, option, value, code", [
+    ("dpo_training", "--kl", 0, 0), ("evaluation", "--retention", 0, 1),
+    ("evaluation", "--retention", 103.5, 0),  # above the SFT baseline
+])
+def test_edge_values_by_hand_are_judged(stage, option, value, code):
+    assert gates(stage, option, value).exit_code == code
+
+
 # -- evaluation (stage 7) -----------------------------------------------------------------
 @pytest.mark.parametrize("retention, code", [(96.5, 0), (95.0, 0), (90.0, 1)])
 def test_evaluation_retention_by_hand(retention, code):
@@ -209,6 +237,10 @@ def test_enforce_gates_api_returns_bool_and_prints():
         enforce_gates("sft", echo=lines.append)
     with pytest.raises(GateInputError, match="needs"):
         enforce_gates("evaluation", echo=lines.append)
+    with pytest.raises(GateInputError, match="must be a KL divergence"):
+        enforce_gates("dpo_training", kl_divergence=-0.1, echo=lines.append)
+    with pytest.raises(GateInputError, match="must be a percentage"):
+        enforce_gates("evaluation", capability_retention=float("nan"), echo=lines.append)
 
 
 def test_judge_treats_nan_as_unmeasured():

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from mlx_dpo.cli import main
 from mlx_dpo.config import config_from_dict
+from mlx_dpo.errors import UserError
 from mlx_dpo.gates import GateInputError
 from mlx_dpo.monitor import check_quality_gates, watch
 from mlx_dpo.run import run_training
@@ -141,6 +142,34 @@ def test_watch_gives_up_after_timeout(tmp_path):
     lines = []
     assert watch(tmp_path, None, recompute=False, interval=0.01, timeout=0.05, echo=lines.append) is None
     assert lines == ["no new checkpoint in 0.05 s: stopped watching"]
+
+
+def test_watch_waits_for_a_missing_folder_then_gives_up_as_bad_input(tmp_path):
+    lines = []
+    with pytest.raises(UserError, match="never appeared in 0.05 s"):
+        watch(tmp_path / "typo", None, recompute=False, interval=0.01, timeout=0.05, echo=lines.append)
+    assert lines == [f"waiting for {tmp_path / 'typo'} to appear (the run has not started yet?)"]
+    result = monitor("--watch", tmp_path / "typo", "--no-recompute", "--interval", 0.01, "--timeout", 0.05)
+    assert result.exit_code == 2, result.output
+    assert "waiting for" in result.output and "never appeared" in result.output
+
+
+def test_watch_of_a_folder_that_appears_late_times_out_normally(tmp_path):
+    late, lines = tmp_path / "late", []
+
+    def echo(line):  # the run starts right after the watch says it is waiting
+        lines.append(line)
+        late.mkdir(exist_ok=True)
+
+    assert watch(late, None, recompute=False, interval=0.01, timeout=0.05, echo=echo) is None
+    assert lines == [f"waiting for {late} to appear (the run has not started yet?)",
+                     "no new checkpoint in 0.05 s: stopped watching"]
+
+
+@pytest.mark.parametrize("option, value", [("--interval", "inf"), ("--interval", "nan"), ("--timeout", "nan")])
+def test_watch_rejects_non_finite_seconds(tmp_path, option, value):
+    result = monitor("--watch", tmp_path, "--no-recompute", "--timeout", 0.05, option, value)
+    assert result.exit_code == 2 and f"{option} must be a finite number" in result.output, result.output
 
 
 def script(name):

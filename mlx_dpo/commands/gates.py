@@ -1,6 +1,6 @@
 """`mlx-dpo gates STAGE`: the workflow's quality-gate enforcement as a command.
 
-Exit codes: 0 every gate passed, 1 a gate failed, 2 unknown stage or missing/bad input.
+Exit codes: 0 every gate passed, 1 a gate failed, 2 unknown stage or missing/conflicting/bad input.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ STAGE_OPTIONS = {"preference_data": {"pairs", "scores", "benchmarks"},
 @click.option("--benchmark", "benchmarks", multiple=True, metavar="NAME|FILE",
               help="preference_data: benchmark for decontamination (repeatable; default: humaneval).")
 @click.option("--checkpoint", type=click.Path(file_okay=False),
-              help="dpo_training: a checkpoint folder (its training_metrics.json).")
-@click.option("--kl", type=float, help="dpo_training: a KL divergence given by hand.")
+              help="dpo_training: a checkpoint folder (its training_metrics.json); or --kl.")
+@click.option("--kl", type=float, help="dpo_training: a KL divergence given by hand (>= 0); or --checkpoint.")
 @click.option("--retention", type=float, metavar="PCT",
-              help="evaluation: capability retention in percent of the SFT baseline.")
+              help="evaluation: capability retention in percent of the SFT baseline (>= 0); or --report.")
 @click.option("--report", type=click.Path(dir_okay=False),
               help="evaluation: an evaluation report (JSON; see docs/quality-gates.md).")
 @click.option("--config", type=click.Path(dir_okay=False),
@@ -44,7 +44,8 @@ def gates(stage, pairs, scores, benchmarks, checkpoint, kl, retention, report, c
       mlx-dpo gates evaluation --report eval_report.json
 
     Prints every metric with its target and PASS or FAIL. Exit code 0 when all pass, 1 when
-    one fails, 2 for an unknown stage or a missing input.
+    one fails, 2 for an unknown stage or a missing, conflicting or impossible input (a
+    negative, NaN or infinite --kl or --retention; --kl with --checkpoint).
     """
     from ..gates import GateInputError, all_passed, format_checks, stage_checks
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -13,11 +14,12 @@ import click
               help="The training config (default: the config recorded in the checkpoint).")
 @click.option("--watch", "watch_dir", type=click.Path(file_okay=False), metavar="OUTPUT_DIR",
               help="Follow a running training: a line for each new checkpoint in OUTPUT_DIR, until the run "
-                   "writes its final model (or --timeout).")
+                   "writes its final model (or --timeout). OUTPUT_DIR may not exist yet: it is waited for.")
 @click.option("--interval", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
               help="--watch: seconds between looks at OUTPUT_DIR.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None,
-              help="--watch: stop after this many seconds without a new checkpoint.")
+              help="--watch: stop after this many seconds without a new checkpoint (exit 2 if OUTPUT_DIR "
+                   "never appeared).")
 @click.option("--no-recompute", is_flag=True,
               help="Use the preference gap recorded at the checkpoint's evaluation instead of recomputing it "
                    "(no model is loaded).")
@@ -31,13 +33,18 @@ def monitor(checkpoint_dir, config, watch_dir, interval, timeout, no_recompute, 
 
     Reads the checkpoint's training_metrics.json for the validation KL and recomputes the
     validation preference gap with the checkpoint's policy. Exit code 0 when the gates pass,
-    1 when one fails, 2 for a missing checkpoint or config.
+    1 when one fails, 2 for a missing checkpoint or config, or a --watch OUTPUT_DIR that
+    never appeared before --timeout.
     """
     from ..errors import UserError
     from ..monitor import check_quality_gates, result_line, watch
 
     if (checkpoint_dir is None) == (watch_dir is None):
         raise UserError("give a CHECKPOINT_DIR or --watch OUTPUT_DIR (one of them)")
+    # click's FloatRange lets NaN and infinity through: they would sleep forever or crash time.sleep.
+    for option, seconds in (("--interval", interval), ("--timeout", timeout)):
+        if seconds is not None and not math.isfinite(seconds):
+            raise UserError(f"{option} must be a finite number of seconds, got {seconds}")
     if watch_dir is not None:
         try:
             result = watch(watch_dir, config, not no_recompute, interval, timeout, echo=click.echo)
