@@ -44,13 +44,13 @@ def test_keep_first_and_benchmarks(tmp_path):
     assert (result.conflicts, result.contaminated) == ([4], [7])
 
 
-def test_clean_in_place_and_cli(tmp_path):
+def test_clean_cli(tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", LINES)
-    result = CliRunner().invoke(main, ["data", "clean", str(source), "--out", str(source),
-                                       "--conflicts", "majority"])
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(main, ["data", "clean", str(source), "--out", str(out), "--conflicts", "majority"])
     assert result.exit_code == 0, result.output
     assert "8 records read, 3 kept" in result.output and "removed      2 conflicts" in result.output
-    assert open(source).read().splitlines() == [LINES[1], LINES[6], LINES[7]]
+    assert open(out).read().splitlines() == [LINES[1], LINES[6], LINES[7]]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 

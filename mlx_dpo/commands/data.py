@@ -22,6 +22,8 @@ BENCHMARK = click.option(
 NGRAM = click.option("--ngram", type=click.IntRange(min=1), default=DEFAULT_NGRAM, show_default=True,
                      help="Word n-gram size for contamination (on normalised text).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
+FORCE = click.option("--force", is_flag=True,
+                     help="Overwrite existing output files (the input file is never overwritten).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,13 +78,14 @@ def validate(pairs, config, benchmarks, ngram, min_pairs, min_gap, min_decontami
                    "keep-first: keep pairs in file order unless they close a cycle.")
 @BENCHMARK
 @NGRAM
+@FORCE
 @JSON
-def clean(pairs, out, conflicts, benchmarks, ngram, as_json):
+def clean(pairs, out, conflicts, benchmarks, ngram, force, as_json):
     """Copy PAIRS to --out without malformed records, chosen == rejected, exact duplicates and
     conflicting preferences (and, with --benchmark, contaminated pairs)."""
     from ..data.clean import clean_pairs
 
-    result = clean_pairs(pairs, out, conflicts, list(benchmarks) or None, ngram)
+    result = clean_pairs(pairs, out, conflicts, list(benchmarks) or None, ngram, force)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -100,12 +103,14 @@ def clean(pairs, out, conflicts, benchmarks, ngram, as_json):
 @data.command(short_help="Train / validation files by prompt hash (no prompt in both).")
 @PAIRS
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
-              help="Share of prompts that go to validation.")
+              help="Share of prompts that go to validation, between 0 and 1 (both excluded).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompt hash.")
-@click.option("--train-out", type=click.Path(dir_okay=False), help="[default: PAIRS_train.jsonl]")
-@click.option("--val-out", type=click.Path(dir_okay=False), help="[default: PAIRS_val.jsonl]")
+@click.option("--train-out", type=click.Path(dir_okay=False),
+              help="Where the training pairs go.  [default: PAIRS_train.jsonl, beside PAIRS]")
+@click.option("--val-out", type=click.Path(dir_okay=False),
+              help="Where the validation pairs go.  [default: PAIRS_val.jsonl, beside PAIRS]")
 @click.option("--skip-bad", is_flag=True, help="Leave malformed records out (reported) instead of stopping.")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@FORCE
 @JSON
 def split(pairs, val_fraction, seed, train_out, val_out, skip_bad, force, as_json):
     """Split PAIRS into train and validation files by prompt hash: deterministic for a seed,
@@ -138,7 +143,8 @@ def split(pairs, val_fraction, seed, train_out, val_out, skip_bad, force, as_jso
               help="DPO beta for the implicit rewards.  [default: training.beta, else 0.1]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per forward pass.")
 @click.option("--skip-bad", is_flag=True, help="Leave malformed records out instead of stopping.")
-def score(pairs, model, adapter, reference, out, config, beta, batch_size, skip_bad):
+@FORCE
+def score(pairs, model, adapter, reference, out, config, beta, batch_size, skip_bad, force):
     """Write per-pair log-probs of chosen and rejected (completion tokens only, as training
     counts them) and, with --reference, implicit rewards and their margin, to --out.
 
@@ -151,7 +157,8 @@ def score(pairs, model, adapter, reference, out, config, beta, batch_size, skip_
     limits = cfg.data if cfg is not None else DataConfig()
     beta = beta or (cfg.training.beta if cfg is not None else 0.1)
     result = score_pairs(pairs, model, out, adapter, reference, beta, batch_size, limits.max_prompt_length,
-                         limits.max_response_length, limits.chat_template, "skip" if skip_bad else "error")
+                         limits.max_response_length, limits.chat_template, "skip" if skip_bad else "error",
+                         force)
     click.echo(f"scored {result.pairs} pairs -> {result.out} ({result.truncated} truncated to the token limits)")
     if result.mean_margin is not None:
         click.echo(f"reward margin: mean {result.mean_margin:.4f}; chosen ahead in {result.accuracy:.1%} of pairs "

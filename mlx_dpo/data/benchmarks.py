@@ -59,7 +59,7 @@ def _read_benchmark(spec: str):
 def _read_text(path: Path) -> str:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        return raw.decode("utf-8", errors="replace")
+        return raw.decode("utf-8-sig", errors="replace")  # -sig: a BOM (Windows editors) is not text
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise BenchmarkError(f"benchmark {path}: cannot read: {err}") from None
 

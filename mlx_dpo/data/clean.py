@@ -3,8 +3,9 @@
 Removed: malformed records (chosen == rejected among them), exact duplicates (the first copy
 stays), pairs in conflicting preferences (per the chosen policy, see conflicts.py) and, when
 benchmarks are given, pairs that share an n-gram with them. Kept records are copied byte for
-byte, extra fields included. The output appears only when complete (temp file, then rename),
-so the input itself may be the output.
+byte, extra fields included. The output appears only when complete (temp file, then rename);
+it may not be the input (the original would be lost) and an existing one is replaced only with
+overwrite (--force).
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from typing import Optional, Sequence
 from .conflicts import PairIndex, is_identical_pair
 from .benchmarks import load_benchmarks
 from .decontamination import DEFAULT_NGRAM, contaminated_pairs
-from .files import copy_lines
+from .files import check_outputs, copy_lines
 from .keys import fast_key
-from .records import RecordError, iter_records
+from .records import RecordError, iter_records, no_valid_pairs
 
 CHUNK = 4096
 
@@ -45,8 +46,10 @@ class CleanResult:
 
 
 def clean_pairs(path, out, conflicts: str = "drop", benchmarks: Optional[Sequence[str]] = None,
-                ngram: int = DEFAULT_NGRAM) -> CleanResult:
-    """Clean `path` into `out`; `benchmarks` (optional) also removes contaminated pairs."""
+                ngram: int = DEFAULT_NGRAM, overwrite: bool = False) -> CleanResult:
+    """Clean `path` into `out`; `benchmarks` (optional) also removes contaminated pairs.
+    Raises a RecordError when `path` holds no valid pair (an empty output would only fail later)."""
+    check_outputs(path, [out], overwrite)  # `out` is the only file written
     result = CleanResult(str(path), str(out))
     index = load_benchmarks(benchmarks, ngram) if benchmarks else None
     pairs = PairIndex()
@@ -63,6 +66,8 @@ def clean_pairs(path, out, conflicts: str = "drop", benchmarks: Optional[Sequenc
         if len(chunk) >= CHUNK:
             contaminated |= {c["line"] for c in contaminated_pairs(index, chunk)}
             chunk = []
+    if not valid:
+        raise no_valid_pairs(path, result.malformed)
     contaminated |= {c["line"] for c in contaminated_pairs(index, chunk)}
     duplicates = {line for line, _ in pairs.duplicates}
     conflicted = pairs.lines_to_drop(conflicts) - duplicates

@@ -1,4 +1,4 @@
-"""Write line-selected copies of a JSONL file, atomically.
+"""Write line-selected copies of a JSONL file, atomically; refuse outputs that would destroy data.
 
 `data clean` and `data split` copy the records they keep byte for byte (extra fields and
 formatting survive). An output appears only when every output is complete: each is written
@@ -10,6 +10,20 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Sequence
+
+from ..errors import UserError
+
+
+def check_outputs(source, outputs: Sequence, overwrite: bool = False) -> None:
+    """Refuse an output that is the input, or that exists unless `overwrite` (--force).
+
+    Called before any work, so a refused command has written nothing and spent no time.
+    """
+    for out in outputs:
+        if Path(out).resolve() == Path(source).resolve():
+            raise UserError(f"output {out} would overwrite the input; choose another path")
+        if Path(out).exists() and not overwrite:
+            raise UserError(f"{out} exists; pass --force to overwrite it")
 
 
 def copy_lines(path, routes: dict, targets: Sequence[str]) -> dict:

@@ -22,7 +22,7 @@ from .decontamination import DEFAULT_NGRAM, BenchmarkError, NgramIndex, contamin
 from .gap import DEFAULT_SCALE, AnnotationGap, GapStats, ModelGap
 from .keys import fast_key, pair_id
 from .lengths import CharLengths, TokenLengths, load_tokenizer
-from .records import RecordError, iter_records
+from .records import RecordError, iter_records, no_valid_pairs
 
 DEFAULT_MIN_PAIRS = 1000
 DEFAULT_GAP = 0.15
@@ -210,9 +210,7 @@ def _lengths(cfg, tokenizer: Optional[str], report: QualityReport):
 
 
 def _unusable(report: QualityReport):
-    bad = report.bad_records
-    detail = f"; all {len(bad)} record(s) are malformed, first: {bad[0]}" if bad else " (the file is empty)"
-    raise RecordError(report.path, 0, f"no valid preference pairs{detail}")
+    raise no_valid_pairs(report.path, report.bad_records)
 
 
 def _judge(report: QualityReport, t: dict, max_conflicts: int, on_bad: str, model_scores: bool) -> dict:

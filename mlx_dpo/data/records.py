@@ -8,6 +8,7 @@ Any other keys (scores, ids, sources) are kept in `extra` and ignored by trainin
 """
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,12 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 class RecordError(UserError):
-    """A malformed record; `str()` reads `file:line: reason`. `kind` is one of
-    io, utf8, json, schema, empty, identical, for tools that treat some kinds differently."""
+    """A malformed record; `str()` reads `file:line: reason`, or `file: reason` for line 0 (the
+    file as a whole: missing, empty). `kind` is one of io, utf8, json, schema, empty, identical,
+    for tools that treat some kinds differently."""
 
     def __init__(self, path: str, line: int, reason: str, kind: str = "schema"):
-        super().__init__(f"{path}:{line}: {reason}")
+        super().__init__(f"{path}:{line}: {reason}" if line else f"{path}: {reason}")
         self.path, self.line, self.reason, self.kind = path, line, reason, kind
 
 
@@ -59,8 +61,15 @@ def read_pairs(path: str | Path, on_bad: str = "error") -> ReadResult:
         else:
             pairs.append(err_or_pair)
     if not pairs:
-        raise RecordError(str(path), 0, "no valid preference pairs in the file")
+        raise no_valid_pairs(path, bad)
     return ReadResult(pairs, bad, str(path))
+
+
+def no_valid_pairs(path, bad: list) -> RecordError:
+    """The error for a file without one valid pair, worded alike by every data command;
+    `bad` holds the malformed records that were read."""
+    detail = f"; all {len(bad)} record(s) are malformed, first: {bad[0]}" if bad else " (the file is empty)"
+    return RecordError(str(path), 0, f"no valid preference pairs{detail}")
 
 
 def iter_records(path: str | Path) -> Iterator[Union[Pair, RecordError]]:
@@ -72,6 +81,8 @@ def iter_records(path: str | Path) -> Iterator[Union[Pair, RecordError]]:
         raise RecordError(name, 0, f"cannot open: {err.strerror or err}", "io") from None
     with handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # files saved on Windows often start with one
             if not raw.strip():
                 continue
             try:
@@ -86,8 +97,11 @@ def parse_record(raw: bytes, path: str = "<record>", line: int = 0) -> Pair:
     except UnicodeDecodeError as err:
         raise RecordError(path, line, f"not valid UTF-8 (byte {err.start})", "utf8") from None
     try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError, ValueError) as err:
+        # Without its line break the text is one line, so json's column is the column in the file's line.
+        obj = json.loads(text.rstrip("\r\n"))
+    except json.JSONDecodeError as err:
+        raise RecordError(path, line, f"not valid JSON: {err.msg} at column {err.colno}", "json") from None
+    except (RecursionError, ValueError) as err:
         raise RecordError(path, line, f"not valid JSON: {str(err)[:120]}", "json") from None
     if not isinstance(obj, dict):
         raise RecordError(path, line, f"expected a JSON object, got {type(obj).__name__}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from .files import check_outputs
 from .keys import pair_id
 from .records import read_pairs
 
@@ -50,8 +51,11 @@ def load_scoring_model(path: str, adapter: Optional[str] = None, trust_remote_co
 def score_pairs(pairs_path, model: str, out, adapter: Optional[str] = None,
                 reference: Optional[str] = None, beta: float = 0.1, batch_size: int = 8,
                 max_prompt_length: int = 512, max_response_length: int = 1024,
-                chat_template: str = "auto", on_bad: str = "error") -> ScoreResult:
-    """Score every pair of `pairs_path` and write one JSON row per pair to `out`."""
+                chat_template: str = "auto", on_bad: str = "error", overwrite: bool = False) -> ScoreResult:
+    """Score every pair of `pairs_path` and write one JSON row per pair to `out`; an existing
+    `out` is replaced only with `overwrite`, and never when it is the pairs file."""
+    check_outputs(pairs_path, [out], overwrite)  # before the model loads: a refusal costs nothing
+
     import mlx.core as mx
 
     from ..logprobs import sequence_logps

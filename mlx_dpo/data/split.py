@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from .files import copy_lines
+from .files import check_outputs, copy_lines
 from .keys import canonical, unit_interval
-from .records import RecordError, iter_records
+from .records import RecordError, iter_records, no_valid_pairs
 
 
 @dataclass
@@ -53,11 +53,7 @@ def split_pairs(path, val_fraction: float = 0.2, seed: int = 0, train_out: Optio
     train_out, val_out = str(train_out or default_train), str(val_out or default_val)
     if Path(train_out).resolve() == Path(val_out).resolve():
         raise UserError(f"train and validation outputs are the same file: {train_out}")
-    for out in (train_out, val_out):
-        if Path(out).resolve() == Path(path).resolve():
-            raise UserError(f"output {out} would overwrite the input; choose another path")
-        if Path(out).exists() and not overwrite:
-            raise UserError(f"{out} exists; pass --force to overwrite it")
+    check_outputs(path, (train_out, val_out), overwrite)
     result = SplitResult(train_out, val_out)
     routes: dict[int, str] = {}
     side_of: dict[str, bool] = {}  # prompt -> goes to validation
@@ -73,7 +69,7 @@ def split_pairs(path, val_fraction: float = 0.2, seed: int = 0, train_out: Optio
             to_val = side_of[key] = unit_interval(item.prompt, seed) < val_fraction
         routes[item.line] = val_out if to_val else train_out
     if not routes:
-        raise RecordError(str(path), 0, "no valid preference pairs to split")
+        raise no_valid_pairs(path, result.skipped)
     counts = copy_lines(path, routes, [train_out, val_out])
     result.train_pairs, result.val_pairs = counts[train_out], counts[val_out]
     result.val_prompts = sum(side_of.values())
