@@ -25,6 +25,12 @@ from .gates import Check, GateInputError, judge
 
 KEYS = ("benchmarks", "capability_retention", "win_rate", "kl_divergence", "preference_gap",
         "decontamination")
+# What each figure can be: an impossible one is a broken report (exit 2), not a failed gate.
+RANGES = {"capability_retention": (0.0, math.inf, "a percentage >= 0 (above 100 when a model gains)"),
+          "win_rate": (0.0, 100.0, "a percentage in [0, 100]"),
+          "kl_divergence": (0.0, math.inf, "a KL divergence >= 0"),
+          "preference_gap": (0.0, 1.0, "a gap in [0, 1]"),
+          "decontamination": (0.0, 1.0, "a share in [0, 1]")}
 
 
 def evaluation_checks(c: ConstraintsConfig, retention: Optional[float] = None,
@@ -79,9 +85,9 @@ def read_report(path: Path) -> dict:
     unknown = sorted(set(report) - set(KEYS))
     if unknown:
         raise GateInputError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(KEYS)}")
-    for key in KEYS[1:]:
-        if key in report:
-            _number(path, key, report[key])
+    for key, (low, high, allowed) in RANGES.items():
+        if key in report and not low <= _number(path, key, report[key]) <= high:
+            raise GateInputError(f"{path}: {key} must be {allowed}, got {report[key]!r}")
     _check_benchmarks(path, report.get("benchmarks"))
     if "capability_retention" not in report and not report.get("benchmarks"):
         raise GateInputError(f"{path}: needs capability_retention (percent) or benchmarks "

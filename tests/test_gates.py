@@ -200,6 +200,11 @@ def test_evaluation_report_failures(tmp_path):
     ({"benchmarks": {"mmlu": {"final": 0.4}}}, "exactly baseline and final"),
     ({"win_rate": 60}, "needs capability_retention"),
     ([1, 2], "expected a JSON object"),
+    ({"capability_retention": 97, "win_rate": 150}, "win_rate must be a percentage in [0, 100], got 150"),
+    ({"capability_retention": 97, "kl_divergence": -1}, "kl_divergence must be a KL divergence >= 0"),
+    ({"capability_retention": 97, "decontamination": 1.7}, "decontamination must be a share in [0, 1]"),
+    ({"capability_retention": 97, "preference_gap": -0.2}, "preference_gap must be a gap in [0, 1]"),
+    ({"capability_retention": -3}, "capability_retention must be a percentage >= 0"),
 ])
 def test_evaluation_bad_report_exit_2(tmp_path, content, message):
     report = tmp_path / "r.json"
