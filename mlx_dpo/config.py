@@ -39,7 +39,8 @@ class ModelConfig:
     finetune: str = opt("lora", "lora: train adapters, reference = adapters off. full: train all weights.",
                         choices=["lora", "full"])
     lora_rank: int = opt(8, "LoRA rank.", min=1)
-    lora_scale: float = opt(20.0, "LoRA scale (mlx-lm's `scale`, i.e. alpha / rank).", gt=0)
+    lora_scale: float = opt(20.0, "LoRA scale: the multiplier of the adapters' output, mlx-lm's `scale` (PEFT's "
+                                "lora_alpha / r: 20 is alpha 160 at rank 8).", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", min=0, lt=1)
     lora_layers: int = opt(-1, "Number of transformer blocks (from the top) that get adapters; -1 = all.", min=-1)
     lora_keys: Optional[list] = opt(None, "Module paths inside a block to adapt, e.g. [self_attn.q_proj, "
@@ -67,7 +68,8 @@ class TrainingConfig:
     batch_size: Union[int, str] = opt(4, "Pairs per micro-batch per device, or `auto` (per-chip table).", min=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
     max_steps: int = opt(1000, "Optimizer steps to train.", min=1)
-    warmup_steps: int = opt(0, "Linear warm-up steps from 0 to learning_rate.", min=0)
+    warmup_steps: int = opt(0, "Linear warm-up steps up to learning_rate (step i of n runs at (i+1)/n of it, "
+                                  "never at 0).", min=0)
     logging_steps: int = opt(10, "Log training metrics every N steps.", min=1)
     eval_steps: int = opt(100, "Evaluate on the validation file every N steps (and at 0 and the end).", min=1)
     save_steps: int = opt(100, "Save a checkpoint every N steps (and at the end).", min=1)
@@ -128,8 +130,9 @@ class ConstraintsConfig:
 
 @dataclass
 class ComputeConfig:
-    fp16: bool = opt(False, "Half precision where the device supports it: float16 weights on Metal, bfloat16 "
-                              "on CUDA (docs/backends.md); the CPU stays float32.")
+    fp16: bool = opt(False, "Half precision where the device supports it: on Metal float16 frozen weights "
+                              "(LoRA's base, a separate reference; a full fine-tune's policy stays float32), on "
+                              "CUDA bfloat16 (docs/backends.md); the CPU stays float32.")
     device: str = opt("auto", "auto (Metal, then CUDA, then CPU), metal, cuda or cpu.",
                       choices=["auto", "metal", "cuda", "cpu"])
     engine: str = opt("auto", "Compute engine: auto (MLX on Metal and CPU, PyTorch on CUDA), mlx, or torch "
@@ -173,7 +176,7 @@ class ComputeConfig:
     recompute_attention: bool = opt(False, "MLX on the CPU, with fast_cpu_math: recompute attention's softmax in the "
                                            "backward at every length, not only from 1024 x 1024 scores per layer "
                                            "(compute.attention_block): another 0.22 GB less on the bench's LoRA "
-                                           "step, for ~8% more time at 256 tokens and more at longer ones. Only "
+                                           "step, for ~9% more time at 256 tokens and more at longer ones. Only "
                                            "where the C++ attention does not apply (it always recomputes). "
                                            "No effect on Metal.")
 

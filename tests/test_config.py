@@ -22,6 +22,16 @@ def test_workflow_template_loads_with_its_values():
     assert cfg.reference_path == "checkpoints/sft_baseline"  # not a local folder: kept as a hub id
 
 
+def test_one_mac_config_is_the_template_for_a_single_machine():
+    template, mac = load_config(TEMPLATE), load_config(TEMPLATE.parent / "one-mac.yaml")
+    assert mac.model.reference_model is None and mac.model.policy_model is None  # both from base_model
+    assert mac.compute.device == "auto" and mac.compute.num_devices == 1 and mac.training.batch_size == "auto"
+    for section in ("optimization", "constraints"):
+        assert getattr(mac, section) == getattr(template, section)
+    same = ("learning_rate", "beta", "gradient_accumulation_steps", "max_steps", "warmup_steps")
+    assert all(getattr(mac.training, k) == getattr(template.training, k) for k in same)
+
+
 def write(tmp_path, text):
     p = tmp_path / "c.yaml"
     p.write_text(text)
