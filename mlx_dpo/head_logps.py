@@ -22,18 +22,24 @@ side and keep all their temporaries at once.
 """
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 from . import cpu_kernels, cpu_layers
 
 CHUNK_BYTES = 4 * 2**20  # float32 logits per chunk (measured, see docs/benchmarks.md)
 MIN_CHUNK = 1024  # rows of W: below this the chunk's matmuls get narrow
-LANES = 32  # chunk widths are multiples of row_max's widest lanes
 
 
 def _chunks(rows: int, vocab: int) -> list[tuple[int, int]]:
-    """(first, stop) rows of W per chunk, for `rows` hidden states."""
-    width = max(CHUNK_BYTES // (4 * max(rows, 1)) // LANES * LANES, MIN_CHUNK)
+    """(first, stop) rows of W per chunk, for `rows` hidden states: about CHUNK_BYTES of logits
+    each, the width a power of two (within 1.41x of the budget either way). The bounds are
+    constants in the compiled elementwise kernels, and MLX's CPU backend builds a kernel with g++
+    for each new constant: a width that followed `rows` exactly gave every new batch length its
+    own kernels to build (tens of seconds per step on pairs of varied lengths)."""
+    width = max(CHUNK_BYTES / (4 * max(rows, 1)), 1)
+    width = max(2 ** round(math.log2(width)), MIN_CHUNK)
     return [(first, min(first + width, vocab)) for first in range(0, vocab, width)]
 
 

@@ -177,3 +177,21 @@ def test_head_eval_equals_the_whole_logits(small_chunks, fast_math):
         np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=2e-5)
     assert float(want[2].min()) > 0.05  # the two heads really differ
 
+
+
+def test_chunk_bounds_do_not_follow_every_batch_length():
+    # The bounds are constants of compiled kernels, which MLX's CPU backend builds with g++ for
+    # each new value: batches of other lengths must reuse a few widths, near the byte budget.
+    vocab = 49152
+    widths = {}
+    for rows in range(16, 8192 + 1, 16):
+        chunks = head_logps._chunks(rows, vocab)
+        assert chunks[0][0] == 0 and chunks[-1][1] == vocab
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        widths[rows] = chunks[0][1] - chunks[0][0]
+    assert len(set(widths.values())) <= 8
+    for rows, width in widths.items():
+        logits = 4 * rows * width
+        if width > head_logps.MIN_CHUNK:
+            assert head_logps.CHUNK_BYTES / 2**0.5 <= logits <= head_logps.CHUNK_BYTES * 2**0.5
+        assert width % 32 == 0  # whole lanes for the row maxima and sums
