@@ -243,11 +243,29 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last value without a word, so one of two edits would silently not apply)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with path.open(encoding="utf-8") as stream:  # a stream, so that error positions name the file
+            raw = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -395,6 +413,7 @@ def _check_semantics(cfg: Config) -> None:
                           f"than training.max_steps ({cfg.training.max_steps})")
     if cfg.training.batch_size != "auto" and cfg.training.batch_size < 1:
         raise ConfigError(f"{cfg.source}: training.batch_size must be >= 1 or 'auto'")
+    split_shares(cfg.compute.split, f"{cfg.source}: compute.split")  # its count is checked at launch
     if cfg.model.lora_layers == 0:  # mlx-lm would read 0 as layers[-0:], i.e. every block
         raise ConfigError(f"{cfg.source}: model.lora_layers: 0 blocks would train nothing; "
                           "give -1 (every block) or a count >= 1")
@@ -406,12 +425,27 @@ def _check_semantics(cfg: Config) -> None:
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # what a Hugging Face repo id can look like
 
 
+def split_shares(text: str, where: str = "compute.split") -> Optional[list[float]]:
+    """compute.split's shares as given (not normalized), or None for `auto`."""
+    text = str(text).strip()
+    if text == "auto":
+        return None
+    try:
+        shares = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a list of numbers like 0.65,0.35, nor auto") from None
+    if any(not math.isfinite(s) or s <= 0 for s in shares):
+        raise ConfigError(f"{where}: {text!r}: every share must be a positive number")
+    return shares
+
+
 def check_files(cfg: Config) -> None:
     """Fail early, before any model loads, when an input file or a local model folder is wrong."""
     for key in ("train_file", "validation_file"):
         value = getattr(cfg.data, key)
         if value is not None and not Path(value).is_file():
-            raise ConfigError(f"{cfg.source}: data.{key}: file not found: {value}")
+            what = "a folder, not a file" if Path(value).is_dir() else "file not found"
+            raise ConfigError(f"{cfg.source}: data.{key}: {what}: {value}")
     for key in ("base_model", "reference_model", "policy_model"):
         value = getattr(cfg.model, key)
         if value is None:

@@ -39,6 +39,9 @@ class KLGuard:
     @classmethod
     def attach(cls, trainer, echo: Callable[[str], None] = print) -> "KLGuard":
         guard = cls(trainer, echo)
+        if trainer.val_data is None:  # KL is measured at evaluations, on the validation pairs
+            guard.echo(f"constraints.kl_target is not enforced: no data.validation_file, so validation KL is "
+                       f"never measured and kl_action {guard.action!r} never fires")
         trainer.after_evaluate.append(guard.after_evaluate)
         trainer.after_save.append(guard.after_save)
         return guard

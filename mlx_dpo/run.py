@@ -102,8 +102,9 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> list[Path]:
 
 
 def _changed_settings(saved: Optional[dict], now: dict) -> list[str]:
-    """A line per setting that differs from the resumed checkpoint's run, so that a resume that is
-    not the same run (another beta, other data) says so; changing max_steps to extend a run is common."""
+    """One line naming each setting that differs from the resumed checkpoint's run, so that a resume
+    that is not the same run (another beta, other data) says so; a warning, not an error, because
+    changing max_steps to extend a run is common."""
     if not saved:
         return []
     changes = [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"

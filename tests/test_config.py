@@ -126,7 +126,7 @@ def test_non_finite_numbers_are_refused(tmp_path, value):
 def test_chat_template_on_and_off_as_documented(tmp_path):
     # YAML 1.1 reads a bare on/off as a boolean; the documented values must still work
     assert load_config(write(tmp_path, BASE), ("data.chat_template=off",)).data.chat_template == "off"
-    assert load_config(write(tmp_path, BASE + "data: {train_file: t.jsonl, chat_template: on}")
+    assert load_config(write(tmp_path, "model: {base_model: m}\ndata: {train_file: t.jsonl, chat_template: on}\n")
                        ).data.chat_template == "on"
 
 
@@ -150,3 +150,26 @@ def test_model_paths_are_checked_before_any_model_loads(tmp_path):
             check_files(cfg)
     hub_id = load_config(write(tmp_path, BASE), ("model.base_model=org/name",), base_dir=tmp_path)
     check_files(hub_id)  # not a local path: left to the Hugging Face Hub
+
+
+def test_yaml_errors_name_the_file_and_a_key_given_twice_is_an_error(tmp_path):
+    twice = write(tmp_path, "model:\n  base_model: a\n  base_model: b\ndata: {train_file: t.jsonl}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(twice)
+    assert "key 'base_model' is given twice" in str(err.value) and f'in "{twice}", line 3' in str(err.value)
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        load_config(tmp_path)
+
+
+def test_split_shares_are_checked_when_the_config_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set compute.split=abc|compute.split: 'abc' is not a list of numbers"):
+        load_config(write(tmp_path, BASE), ("compute.split=abc",))
+    with pytest.raises(ConfigError, match="every share must be a positive number"):
+        load_config(write(tmp_path, BASE), ("compute.split=1,0",))
+    assert load_config(write(tmp_path, BASE), ("compute.split=auto",)).compute.split == "auto"
+
+
+def test_a_data_folder_is_not_reported_as_missing(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ("data.train_file=.",), base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="data.train_file: a folder, not a file"):
+        check_files(cfg)

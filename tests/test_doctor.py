@@ -127,3 +127,12 @@ def test_num_devices_on_cuda_names_the_torchrun_command(tmp_path, tiny_model, ti
     assert result.exit_code == 1
     line = findings(result)["num_devices"]
     assert line["status"] == "fail" and "torchrun --standalone --nproc_per_node 2 -m mlx_dpo train" in line["value"]
+
+
+def test_set_without_a_config_is_refused():
+    from click.testing import CliRunner
+
+    from mlx_dpo.cli import main
+
+    result = CliRunner().invoke(main, ["doctor", "--no-measure", "--set", "training.beta=0.2"])
+    assert result.exit_code == 2 and "--set changes a CONFIG" in result.output

@@ -79,3 +79,17 @@ def test_lora_keys_that_name_no_layer_are_refused_with_the_choices(make_config):
     cfg = make_config(**{"model.lora_keys": ["self_attn.q_proj", "self_attn.qproj"]})
     with pytest.raises(UserError, match=r"model.lora_keys: self_attn.qproj: no such layer .* self_attn.q_proj"):
         load_models(cfg)
+
+
+def test_a_run_without_validation_pairs_says_the_kl_target_is_not_enforced(make_config):
+    lines = []
+    run_training(make_config(**{"data.validation_file": None, "training.max_steps": 1}),
+                 echo=lines.append, progress=False)
+    assert any("constraints.kl_target is not enforced: no data.validation_file" in line for line in lines)
+
+
+def test_skip_bad_records_is_one_flag_name_everywhere(tiny_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(tiny_data["train"]).read() + "not json\n")
+    result = CliRunner().invoke(main, ["data", "split", str(bad), "--skip-bad-records"])
+    assert result.exit_code == 0 and "skipped 1 malformed records" in result.output, result.output

@@ -1,4 +1,5 @@
 """`mlx-dpo train CONFIG --smoke`: a short real run that must pass, fail loudly, and project."""
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,7 @@ def test_projection_is_the_measured_times_scaled_to_the_full_run(make_config):
 def test_a_broken_resume_fails_the_smoke_run(tmp_path, tiny_model, tiny_data, monkeypatch):
     """If loading a checkpoint restored nothing, the resumed run ends elsewhere: exit 1."""
     monkeypatch.setattr(MLXEngine, "load_state", lambda self, folder: None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the kept files land in the test's folder
     config = write_config(tmp_path, tiny_model, tiny_data)
     result = CliRunner().invoke(main, ["train", str(config), "--smoke"])
     assert result.exit_code == 1, result.output
@@ -68,9 +70,12 @@ def test_a_step_that_crashes_fails_the_smoke_run(tmp_path, tiny_model, tiny_data
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(MLXEngine, "forward_backward", crash)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the kept files land in the test's folder
     result = CliRunner().invoke(main, ["train", str(write_config(tmp_path, tiny_model, tiny_data)), "--smoke"])
     assert result.exit_code == 1
     assert "RuntimeError: kernel exploded" in result.output
+    kept = list(tmp_path.glob("mlx-dpo-smoke-*"))  # a failed smoke run keeps its files to look at
+    assert len(kept) == 1 and f"files kept in {kept[0]}" in result.output
 
 
 def test_bad_input_is_exit_2_without_a_traceback(tmp_path, tiny_model, tiny_data):

@@ -109,7 +109,8 @@ def clean(pairs, out, conflicts, benchmarks, ngram, force, as_json):
               help="Where the training pairs go.  [default: PAIRS_train.jsonl, beside PAIRS]")
 @click.option("--val-out", type=click.Path(dir_okay=False),
               help="Where the validation pairs go.  [default: PAIRS_val.jsonl, beside PAIRS]")
-@click.option("--skip-bad", is_flag=True, help="Leave malformed records out (reported) instead of stopping.")
+@click.option("--skip-bad", "--skip-bad-records", "skip_bad", is_flag=True,
+              help="Leave malformed records out (reported) instead of stopping.")
 @FORCE
 @JSON
 def split(pairs, val_fraction, seed, train_out, val_out, skip_bad, force, as_json):
@@ -142,7 +143,8 @@ def split(pairs, val_fraction, seed, train_out, val_out, skip_bad, force, as_jso
 @click.option("--beta", type=click.FloatRange(min=0, min_open=True),
               help="DPO beta for the implicit rewards.  [default: training.beta, else 0.1]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per forward pass.")
-@click.option("--skip-bad", is_flag=True, help="Leave malformed records out instead of stopping.")
+@click.option("--skip-bad", "--skip-bad-records", "skip_bad", is_flag=True,
+              help="Leave malformed records out instead of stopping.")
 @FORCE
 def score(pairs, model, adapter, reference, out, config, beta, batch_size, skip_bad, force):
     """Write per-pair log-probs of chosen and rejected (completion tokens only, as training

@@ -28,6 +28,8 @@ def doctor(config, overrides, probe, no_measure, as_json):
     from ..doctor import as_json as to_json
     from ..doctor import exit_code, format_findings, system_findings
 
+    if overrides and not config:
+        raise click.UsageError("--set changes a CONFIG: give the config file too")
     cfg = load_config(config, overrides) if config else None  # ConfigError: exit 2
     findings = system_findings(measure=not no_measure)
     if cfg is not None:

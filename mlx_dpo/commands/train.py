@@ -28,7 +28,7 @@ def load_train_config(config_path, overrides):
               help="Start again where logging.output_dir holds an earlier run: its checkpoints, final model, "
                    "metrics.jsonl and best.json are removed once the new run has loaded its model and data; "
                    "other files there stay.")
-@click.option("--skip-bad-records", is_flag=True,
+@click.option("--skip-bad-records", "--skip-bad", "skip_bad_records", is_flag=True,
               help="Skip malformed records (and report how many) instead of stopping at the first.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (log lines only).")
 @click.option("--smoke", is_flag=True,

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..config import split_shares
 from ..data.batching import collate
 from ..errors import UserError
 
@@ -20,18 +21,12 @@ MIN_SHARE = 0.02  # a slower machine still gets work; a zero share is the same a
 
 def parse_split(text: str, world: int, where: str = "compute.split") -> Optional[list[float]]:
     """Shares per rank (normalized), or None for `auto`."""
-    text = str(text).strip()
-    if text == "auto":
+    shares = split_shares(text, where)
+    if shares is None:
         return None
-    try:
-        shares = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"{where}: {text!r} is not a list of numbers like 0.65,0.35, nor auto") from None
     if len(shares) != world:
-        raise UserError(f"{where}: {text!r} gives {len(shares)} share(s) but the run has {world} ranks; "
-                        "give one share per hostfile entry, in order, or auto")
-    if any(not np.isfinite(s) or s <= 0 for s in shares):
-        raise UserError(f"{where}: {text!r}: every share must be a positive number")
+        raise UserError(f"{where}: {str(text).strip()!r} gives {len(shares)} share(s) but the run has {world} "
+                        "ranks; give one share per hostfile entry, in order, or auto")
     total = sum(shares)
     return [s / total for s in shares]
 
