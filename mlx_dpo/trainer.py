@@ -16,7 +16,7 @@ import numpy as np
 
 from . import checkpoint
 from .config import Config
-from .data.batching import Batch, collate, epoch_order, shard
+from .data.batching import Batch, collate, epoch_order, grouping_keys, shard
 from .data.tokenize import EncodedData
 from .engines.base import EVAL_KEYS, SUM_KEYS, Engine
 from .errors import TrainingStopped
@@ -58,7 +58,7 @@ class Trainer:
         self.resumed_config: Optional[dict] = None  # the config of the run that resume() continued
         self.state = RunState()
         self.progress = progress and self.is_main
-        self._lengths = [p.length for p in train.pairs]
+        self._sort_keys = grouping_keys(train.pairs, cfg.training.share_prompt)  # epoch_order's sort keys
         self._order: tuple[int, list] = (-1, [])
         self._stop_requested = False
         # Seams for quality gates (kl_guard.py): hook(trainer, eval_metrics) after every
@@ -144,7 +144,7 @@ class Trainer:
         while True:
             epoch, order = self._order
             if epoch != self.state.epoch:
-                order = epoch_order(self._lengths, global_batch, self.cfg.training.seed, self.state.epoch)
+                order = epoch_order(self._sort_keys, global_batch, self.cfg.training.seed, self.state.epoch)
                 order = [b for b in order if len(b) >= self.ranks.world]
                 self._order = (self.state.epoch, order)
             if self.state.batch_index < len(order):

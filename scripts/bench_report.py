@@ -316,8 +316,8 @@ forward instead of recomputing it (`compute.recompute_activations: false`); `che
 `grad_checkpoint`, which wraps the model's block class). Every other technique is on by default and
 has an exactness test (tests/test_perf_*.py, tests/test_cpu_kernels.py, tests/test_cpu_attention.py, tests/test_native.py,
 tests/test_cpu_lora.py, tests/test_cpu_streams.py).
-Length-grouped batches padded to a multiple of 16 come from the core batching and were not
-timed separately.
+Length grouping and padding to a multiple of 16 cannot show on these pairs of equal lengths:
+`scripts/bench_batching.py` times them on pairs of varied lengths ("Pairs of varied lengths" below).
 
 Peak memory: "peak MLX GB" is MLX's allocator peak (arrays alive at once), as mlx-lm and
 mlx-lm-lora report it; "peak RSS GB" is the process's peak resident memory over the whole run

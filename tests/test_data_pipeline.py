@@ -118,3 +118,23 @@ def test_shards_follow_weights_never_overlap_and_give_each_rank_a_pair():
     idx = np.arange(20)
     a, b = shard(idx, [0.65, 0.35], 0), shard(idx, [0.65, 0.35], 1)
     assert len(a) == 13 and len(b) == 7 and not set(a) & set(b) and len(set(a) | set(b)) == 20
+
+
+def test_shared_prompt_grouping_pads_less_than_total_length():
+    from mlx_dpo.data.batching import PAD_MULTIPLE, grouping_keys
+    from mlx_dpo.data.tokenize import EncodedPair
+
+    rng = np.random.default_rng(0)
+    pairs = [EncodedPair([1] * int(p), [2] * int(c), [3] * int(r))
+             for p, c, r in rng.integers(10, 300, size=(2000, 3))]
+
+    def shared_grid(batches):  # completion.shared_plan's widths: [prompt | chosen | rejected] per pair
+        up = lambda n: -(-n // PAD_MULTIPLE) * PAD_MULTIPLE  # noqa: E731
+        return sum(len(b) * (up(max(len(pairs[i].prompt) for i in b))
+                             + 2 * up(max(max(len(pairs[i].chosen), len(pairs[i].rejected)) for i in b)))
+                   for b in batches)
+    by_total = epoch_order(grouping_keys(pairs, shared_prompt=False), 4, seed=1, epoch=0)
+    by_layout = epoch_order(grouping_keys(pairs, shared_prompt=True), 4, seed=1, epoch=0)
+    assert sorted(np.concatenate(by_layout).tolist()) == list(range(2000))
+    assert grouping_keys(pairs, shared_prompt=False) == [p.length for p in pairs]
+    assert shared_grid(by_layout) < 0.93 * shared_grid(by_total)
