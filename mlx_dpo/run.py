@@ -51,7 +51,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
     # --overwrite: the earlier run goes only now that this one has its model and data, and
     # torchrun's rank is known here too: only rank 0 deletes
     if earlier_run and ranks.rank == 0 and os.environ.get("RANK", "0") == "0":
-        echo(f"--overwrite: removing the earlier run in {out} ({', '.join(p.name for p in earlier_run)})")
+        echo(f"starting again: removing the earlier run in {out} ({', '.join(p.name for p in earlier_run)})")
         for path in earlier_run:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     trainer = Trainer(cfg, engine, data.train, data.val, batch_size, ranks, echo, progress)

@@ -38,7 +38,7 @@ def test_running_the_smoke_default_again_replaces_its_own_earlier_run(tmp_path, 
     (tmp_path / "outputs" / "smoke" / "NOTES.txt").write_text("mine")
     again = CliRunner().invoke(main, [*short, "--set", "training.max_steps=1"])
     assert again.exit_code == 0, again.output
-    assert "--overwrite: removing the earlier run" in again.output
+    assert "starting again: removing the earlier run" in again.output
     steps = [json.loads(line)["step"] for line in open(tmp_path / "outputs" / "smoke" / "metrics.jsonl")]
     assert max(steps) == 1 and steps.count(0) == 1  # the earlier run's rows are gone, not mixed in
     assert (tmp_path / "outputs" / "smoke" / "NOTES.txt").read_text() == "mine"

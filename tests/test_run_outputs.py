@@ -45,7 +45,7 @@ def test_overwrite_removes_only_the_earlier_runs_files(make_config, finished):
     assert not (out / "checkpoint-2").exists() and (out / "checkpoint-1").is_dir()
     assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()][0] == 0
     assert max(json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()) == 1
-    assert any(line.startswith("--overwrite: removing the earlier run") for line in lines)
+    assert any(line.startswith("starting again: removing the earlier run") for line in lines)
 
 
 def test_a_finished_run_without_checkpoints_is_not_mixed_into(make_config, finished):
