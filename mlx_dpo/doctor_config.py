@@ -50,10 +50,25 @@ def _file_findings(cfg: Config) -> list[Finding]:
         if path is None:
             out.append(Finding("config", key, "not set (no eval/ metrics or KL during training)", "warn"))
         elif Path(path).is_file():
-            out.append(Finding("config", key, f"{path} ({Path(path).stat().st_size / 2**20:.1f} MB)", "ok"))
+            out.append(_records_finding(cfg, key, path))
         else:
             out.append(Finding("config", key, f"{path}: file not found", "fail"))
     return out
+
+
+def _records_finding(cfg: Config, key: str, path: str) -> Finding:
+    """The file read as training will read it (data.on_bad_record), so that a malformed record
+    fails here, with its line, rather than at the start of the run."""
+    from .data.records import RecordError, read_pairs
+
+    size = f"{Path(path).stat().st_size / 2**20:.1f} MB"
+    try:
+        result = read_pairs(path, cfg.data.on_bad_record)
+    except RecordError as err:
+        return Finding("config", key, f"{err} ({size})", "fail")
+    skipped = f", {len(result.bad)} malformed skipped (first: {result.bad[0]})" if result.bad else ""
+    return Finding("config", key, f"{path} ({size}, {len(result.pairs)} pairs{skipped})",
+                   "warn" if result.bad else "ok")
 
 
 def _device_findings(cfg: Config, out: list) -> tuple[Optional[DeviceInfo], Optional[str]]:

@@ -136,3 +136,19 @@ def test_set_without_a_config_is_refused():
 
     result = CliRunner().invoke(main, ["doctor", "--no-measure", "--set", "training.beta=0.2"])
     assert result.exit_code == 2 and "--set changes a CONFIG" in result.output
+
+
+def test_a_malformed_record_fails_the_doctor_as_it_would_fail_training(tmp_path, tiny_model, tiny_data):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(Path(tiny_data["train"]).read_text() + '{"prompt": "a", "chosen": 1}\n')
+    line = len(bad.read_text().splitlines())
+    result = doctor(str(write_config(tmp_path, tiny_model, tiny_data, data={"train_file": str(bad)})),
+                    "--no-measure", "--json")
+    assert result.exit_code == 1
+    found = findings(result)["train_file"]
+    assert found["status"] == "fail" and f"bad.jsonl:{line}:" in found["value"]
+    skipping = doctor(str(write_config(tmp_path, tiny_model, tiny_data,
+                                       data={"train_file": str(bad), "on_bad_record": "skip"})), "--no-measure", "--json")
+    assert skipping.exit_code == 0
+    found = findings(skipping)["train_file"]
+    assert found["status"] == "warn" and "1 malformed skipped" in found["value"]

@@ -20,8 +20,8 @@ def doctor(config, overrides, probe, no_measure, as_json):
     """Print the OS, chip, memory, MLX version and default device, the BLAS in use with its
     measured GFLOP/s, CUDA availability and the environment variables that matter.
 
-    With CONFIG, also check that it can run on this machine: input files, device and engine,
-    model files, a memory estimate, devices for data parallelism, and the batch size it would
+    With CONFIG, also check that it can run on this machine: input files (every record read
+    as training reads it), device and engine, model files, a memory estimate, devices for data parallelism, and the batch size it would
     use. Exit code 0 when it can, 1 when a check failed, 2 for a bad config.
     """
     from ..config import load_config
