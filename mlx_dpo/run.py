@@ -53,7 +53,10 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False,
     if earlier_run and ranks.rank == 0 and os.environ.get("RANK", "0") == "0":
         echo(f"starting again: removing the earlier run in {out} ({', '.join(p.name for p in earlier_run)})")
         for path in earlier_run:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     trainer = Trainer(cfg, engine, data.train, data.val, batch_size, ranks, echo, progress)
     if resume:
         folder = trainer.resume()
@@ -87,8 +90,7 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> list[Path]:
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: --resume continues the run in "
                         f"{out}, --overwrite deletes it; pass one")
-    earlier = sorted(p for p in out.iterdir() if p.name in RUN_FILES or checkpoint.is_checkpoint_name(p.name)) \
-        if out.is_dir() else []
+    earlier = _earlier_run(out)
     if not earlier or (resume and checkpoint.list_checkpoints(out)):
         return []
     if resume:
@@ -99,6 +101,12 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> list[Path]:
         raise UserError(f"{out} already holds a run ({', '.join(p.name for p in earlier)}): pass --resume to "
                         "continue it, --overwrite to start again, or choose another logging.output_dir")
     return earlier
+
+
+def _earlier_run(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name in RUN_FILES or checkpoint.is_checkpoint_name(p.name))
 
 
 def _changed_settings(saved: Optional[dict], now: dict) -> list[str]:
