@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 from pathlib import Path
 from typing import Optional
 
 from .autotune import cache_key, read_cache, resolve_batch_size, table_lookup
-from .config import Config
+from .config import HUB_ID, Config
 from .doctor import Finding
 from .engines import engine_kind, select_device
 from .engines.torch_support import INSTALL_HINT, torch_missing
@@ -23,7 +22,6 @@ from .errors import UserError
 from .hardware import DeviceInfo
 
 FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def config_findings(cfg: Config, probe: bool = False) -> list[Finding]:
@@ -91,7 +89,7 @@ def _model_finding(cfg: Config, role: str, path: str, engine: Optional[str], out
         folder = _hub_snapshot(path)
         if folder is None:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            bad = offline or not HUB_ID.match(path)
+            bad = offline or not HUB_ID.fullmatch(path)
             why = ("not a local folder, and not in the Hugging Face cache while HF_HUB_OFFLINE=1" if offline
                    else "not found" if bad else "a Hugging Face id, not downloaded yet (it will be on the first run)")
             out.append(Finding("config", f"{role} model", f"{path}: {why}", "fail" if bad else "warn"))
@@ -124,7 +122,7 @@ def _count(n: int) -> str:
 
 def _hub_snapshot(repo_id: str) -> Optional[Path]:
     """The cached snapshot folder of a Hub model, if it was downloaded before."""
-    if not HUB_ID.match(repo_id) or "/" not in repo_id:
+    if not HUB_ID.fullmatch(repo_id) or "/" not in repo_id:
         return None
     try:
         from huggingface_hub import try_to_load_from_cache
