@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo.data.batching import collate, split_pairs
 from mlx_dpo.data.tokenize import EncodedPair
+from mlx_dpo.engines.cpu_streams import alternating_leaves
 from mlx_dpo.engines.mlx_engine import MLXEngine
 
 
@@ -33,6 +34,17 @@ def test_split_pairs_keeps_rows_tokens_and_cached_reference():
     np.testing.assert_array_equal(parts[1].inputs, batch.inputs[[3, 4, 8, 9]])
     np.testing.assert_array_equal(parts[1].ref_logps, batch.ref_logps[[3, 4, 8, 9]])
     assert split_pairs(batch, 9)[-1].num_pairs == 1 and len(split_pairs(batch, 9)) == 5
+
+
+def test_parts_are_handed_to_eval_leaf_by_leaf_in_turn():
+    """The dispatcher follows the order of the outputs it is given: the streams' leaves alternate,
+    every leaf once, in each tree's own order, a longer tree's rest at the end."""
+    a = {"x": mx.array(1), "y": [mx.array(2), mx.array(3)]}
+    b = {"x": mx.array(10), "y": [mx.array(20), mx.array(30)]}
+    c = {"x": mx.array(100)}
+    assert [int(v) for v in alternating_leaves([a, b])] == [1, 10, 2, 20, 3, 30]
+    assert [int(v) for v in alternating_leaves([a, c, b])] == [1, 100, 10, 2, 20, 3, 30]
+    assert [int(v) for v in alternating_leaves([a])] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])

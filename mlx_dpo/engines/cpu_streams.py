@@ -10,9 +10,11 @@ gradients and statistics are summed, so the step equals the unsplit one up to fl
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..data.batching import Batch, split_pairs
 from ..hardware import openblas_threads
@@ -46,6 +48,19 @@ class CpuStreams:
     def running(parts: list) -> contextlib.AbstractContextManager:
         """Context for evaluating `parts`: one OpenBLAS thread per stream when there are several."""
         return openblas_threads(1) if len(parts) > 1 else contextlib.nullcontext()
+
+
+def alternating_leaves(trees: list) -> list:
+    """The arrays of `trees` (one per stream), taken in turn: the first of each, the second of each...
+
+    One thread dispatches an `mx.eval`, staying only a few operations ahead of the streams (MLX
+    throttles it by the number of operations in flight, over all streams). The order in which the
+    outputs are handed over shapes the order of dispatch: with each part's gradient tree whole, one
+    after the other, a stream ran dry for 0.5-1.1 s of a ~5 s full fine-tuning step while the
+    dispatcher fed the other; with the leaves alternating, both stay busy (docs/benchmarks.md,
+    "Feeding both CPU streams")."""
+    leaves = [[leaf for _, leaf in tree_flatten(tree)] for tree in trees]
+    return [leaf for row in itertools.zip_longest(*leaves) for leaf in row if leaf is not None]
 
 
 def on_stream(stream) -> contextlib.AbstractContextManager:

@@ -19,7 +19,7 @@ from ..logprobs import position_kl, sequence_logps, token_logps
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
 from ..preference_gap import pair_gaps
-from .cpu_streams import CpuStreams, on_stream
+from .cpu_streams import CpuStreams, alternating_leaves, on_stream
 from .mlx_fast import FastPath, UpdateStep, added, merge_optimizer_state
 
 
@@ -109,7 +109,7 @@ class MLXEngine:
             if not self._parts_apart:
                 grads = [added(grads)]
             self._grads = _accumulated(self._grads, grads)
-            mx.eval(self._grads, stats)
+            mx.eval(alternating_leaves(self._grads), stats)
         return {k: float(v) for k, v in stats.items()}
 
     def _part_grads(self, batch: Batch, global_pairs: int):
