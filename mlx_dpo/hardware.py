@@ -39,9 +39,6 @@ CPU_ENV_DEFAULTS = {"MLX_BFS_MAX_WIDTH": "2000"}
 # (docs/benchmarks.md).
 CPU_CACHE_FRACTION = float(os.environ.get("MLX_DPO_CPU_CACHE_FRACTION", "0"))
 
-# glibc maps blocks from this size on with their own mmap (its largest allowed threshold);
-# smaller ones come from the heap, which _keep_freed_heap stops trimming.
-MALLOC_MMAP_FROM = 32 * 2**20
 
 # Where Debian/Ubuntu/Fedora put an optimized BLAS exporting the CBLAS symbols MLX calls.
 OPENBLAS_CANDIDATES = (
@@ -119,12 +116,14 @@ def _keep_freed_heap() -> str:
     Arrays too large for MLX's own CPU cache (32 MiB in all by default) are freed to malloc; glibc
     gives each large freed block back to the kernel (unmapped, or trimmed from the heap's top), so
     the next step faults its pages in again, zero-filled: at 1024 tokens a LoRA step of
-    SmolLM2-135M took ~150,000 page faults and 1.5 s of system time. Blocks below 32 MiB (every
-    array of a bench step: activations, score blocks, vocabulary chunks) now stay in the heap and
-    are reused at any size, so the peak RSS is unchanged (see docs/benchmarks.md). A user's own
-    MALLOC_* or GLIBC_TUNABLES settings win; MLX_DPO_MALLOC=system leaves glibc's defaults (setting
-    any MALLOC_* threshold would not: it switches glibc's sliding thresholds off); other C
-    libraries are left alone."""
+    SmolLM2-135M took ~150,000 page faults and 1.5 s of system time. Every block now comes from the
+    heap, which is never trimmed, and is reused at any size: glibc's mmap for blocks of 32 MiB and
+    more is off too, which full fine-tuning needs (its tied embedding's gradient, 113 MB per CPU
+    stream, took ~55,000 faults a step; session 16's A/B in docs/benchmarks.md). The peak RSS is
+    unchanged (see docs/benchmarks.md): a freed block is reused, not kept beside a new one. A
+    user's own MALLOC_* or GLIBC_TUNABLES settings win; MLX_DPO_MALLOC=system leaves glibc's
+    defaults (setting any MALLOC_* threshold would not: it switches glibc's sliding thresholds
+    off); other C libraries are left alone. Should the heap be unable to grow, glibc still maps."""
     if not sys.platform.startswith("linux") or os.environ.get("MLX_DPO_MALLOC") == "system":
         return "system default"
     if "GLIBC_TUNABLES" in os.environ or any(key.startswith("MALLOC_") for key in os.environ):
@@ -134,10 +133,10 @@ def _keep_freed_heap() -> str:
     except (AttributeError, OSError):
         return "not glibc: default"
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    if not (mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_FROM) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
         return "glibc default (mallopt refused)"
-    return f"glibc, heap kept, blocks from {MALLOC_MMAP_FROM >> 20} MiB mapped"
+    return "glibc, heap kept, no block mapped apart"
 
 
 @contextlib.contextmanager

@@ -100,6 +100,7 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     "mlx-dpo-full/one-stream": ("mlx-dpo", "full", {"mlx_dpo": {"cpu_streams": 1}}),
     "mlx-dpo-full/no-cpp": ("mlx-dpo", "full", {"env": {"MLX_DPO_NATIVE": "0"}}),
     "mlx-dpo-full/sized-cache": ("mlx-dpo", "full", {"env": {"MLX_DPO_CPU_CACHE_FRACTION": "0.25"}}),
+    "mlx-dpo-full/glibc-trim": ("mlx-dpo", "full", {"env": {"MLX_DPO_MALLOC": "system"}}),
     # the memory setting each trainer offers, on both
     "mlx-dpo-lora/checkpointing": ("mlx-dpo", "lora", {"mlx_dpo": {"gradient_checkpointing": True}}),
     "mlx-lm-lora-lora/checkpointing": ("mlx-lm-lora", "lora", {"mlx_lm_lora": {"grad_checkpoint": True}}),

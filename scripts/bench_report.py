@@ -304,11 +304,11 @@ LoRA's addmm, the vectorised row maxima and sums, and with them the C++ kernels)
 micro-batch on one CPU stream (`compute.cpu_streams: 1`); `sized-cache` sizes MLX's CPU buffer
 cache to the largest step's working set (`MLX_DPO_CPU_CACHE_FRACTION=0.25`, mlx-dpo's
 earlier default: see mlx_dpo/hardware.py) instead of MLX's 32 MiB default (with full fine-tuning it
-keeps the tied embedding's 113 MB gradients, which are above glibc's largest mmap threshold, 32 MiB,
-so that without it each step maps them afresh); `glibc-trim` leaves glibc's
-malloc at its defaults, which unmap or trim large freed blocks (`MLX_DPO_MALLOC=system`; by
-default mlx-dpo keeps them in the heap, and the mlx-lm-lora rows get the same setting, as they get
-the same OpenBLAS binding, by importing mlx_dpo); `no-cpp` switches mlx-dpo's C++
+keeps the tied embedding's 113 MB gradients, which glibc's defaults would map afresh each step);
+`glibc-trim` leaves glibc's malloc at its defaults, which unmap or trim large freed blocks and map
+every block of 32 MiB or more on its own (`MLX_DPO_MALLOC=system`; by default mlx-dpo serves every
+block from the heap and keeps freed ones there, and the mlx-lm-lora rows get the same setting, as
+they get the same OpenBLAS binding, by importing mlx_dpo); `no-cpp` switches mlx-dpo's C++
 kernels off (`MLX_DPO_NATIVE=0`; mlx_dpo/native.py: attention, RMSNorm, SwiGLU, RoPE, the head's
 softmax, AdamW), leaving their MLX-op versions; `keep-swiglu` keeps the SwiGLU product from the
 forward instead of recomputing it (`compute.recompute_activations: false`); `checkpointing` turns on each trainer's gradient checkpointing (mlx-dpo:
