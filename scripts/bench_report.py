@@ -247,7 +247,7 @@ def extra_sections(results: dict, earlier) -> list[str]:
         return []
     lines = []
     if src is earlier:
-        lines += [f"Scale and ablation come from a separate run ({earlier['started']}, same machine, same code), "
+        lines += [f"Scale and ablation come from a separate run ({earlier['started']}, same machine, the code of that time; \"Where a step's time goes\" says which session's), "
                   "with its own mlx-dpo rows as the baselines; its matmul rate was "
                   f"{', '.join(f'{p:.0f}' for p in _peaks(earlier))} GFLOP/s:", "",
                   "```", f"$ {command(earlier['args'])}", "```", ""]
