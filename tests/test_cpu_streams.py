@@ -66,6 +66,19 @@ def test_two_streams_train_like_one(make_config, finetune):
     assert int(np.array(engines[0].optimizer.state["step"])) == 3
 
 
+def test_reference_pass_over_streams_keeps_each_pairs_rows(make_config):
+    """The one-off reference pass (refcache.py) split over two streams returns what one stream
+    does, in the batch's row order: every pair's chosen sum, then every pair's rejected sum; five
+    pairs split 3 + 2 and are put back in order."""
+    batch = collate(_pairs(5, seed=2), pad_id=2)
+    engines = [MLXEngine(make_config(**{"compute.cpu_streams": n})) for n in (2, 1)]
+    assert len(engines[0].cpu_streams.split(batch)) == 2
+    split, whole = (np.array(e.reference_sums(batch)) for e in engines)
+    assert split.shape == whole.shape == (10,)
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-4)
+    assert len(set(np.round(whole, 3))) == 10  # distinct sums: a swapped row would show
+
+
 def test_stream_parts_reach_the_optimizer_apart_only_without_accumulation(make_config):
     """One micro-batch per step: the two streams' gradients stay two trees (the fused kernels add
     them); accumulating, they are summed at once, so that no extra tree is held between

@@ -165,13 +165,26 @@ class MLXEngine:
         return {k: float(v) for k, v in stats.items()}
 
     def reference_sums(self, batch: Batch) -> mx.array:
-        """Summed completion log-probs of the reference, (2B,): what refcache.py stores."""
-        with self.kernels():
-            plan = self.fast.plan(batch)
-            if plan is not None:
-                return self.fast.reference_sums(plan)
-            inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
-            return sequence_logps(reference_forward(self.models, inputs), targets, mask)
+        """Summed completion log-probs of the reference, (2B,): what refcache.py stores. On the CPU
+        the pairs are split over the CPU streams as in training, each part's chosen rows first."""
+        parts = self.cpu_streams.split(batch)
+        with self.kernels(), self.cpu_streams.running(parts):
+            sums = []
+            for stream, part in parts:
+                with on_stream(stream):
+                    sums.append(self._reference_sums(part))
+            mx.eval(sums)
+        if len(sums) == 1:
+            return sums[0]
+        halves = [(s[:part.num_pairs], s[part.num_pairs:]) for s, (_, part) in zip(sums, parts)]
+        return mx.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+
+    def _reference_sums(self, batch: Batch) -> mx.array:
+        plan = self.fast.plan(batch)
+        if plan is not None:
+            return self.fast.reference_sums(plan)
+        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+        return sequence_logps(reference_forward(self.models, inputs), targets, mask)
 
     def save_state(self, folder: Path) -> None:
         save_adapters(self.models, folder)
