@@ -79,6 +79,21 @@ def test_reference_pass_over_streams_keeps_each_pairs_rows(make_config):
     assert len(set(np.round(whole, 3))) == 10  # distinct sums: a swapped row would show
 
 
+def test_evaluation_over_streams_sums_like_one_stream(make_config):
+    """Validation statistics (DPO terms, KL, preference gap) over two streams are one stream's, with
+    the policy moved off the reference so that they are not all zero."""
+    batch = collate(_pairs(5, seed=3), pad_id=2)
+    engines = [MLXEngine(make_config(**{"compute.cpu_streams": n})) for n in (2, 1)]
+    for engine in engines:
+        engine.forward_backward(collate(_pairs(4, seed=4), pad_id=2), 4)
+        engine.apply_update(1e-2)
+    split, whole = (e.evaluate(batch) for e in engines)
+    assert split.keys() == whole.keys() and {"kl_sum", "gap_sum", "loss"} <= whole.keys()
+    assert whole["pairs"] == 5 and abs(whole["kl_sum"]) > 1e-6
+    for key in whole:
+        assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-5), key
+
+
 def test_stream_parts_reach_the_optimizer_apart_only_without_accumulation(make_config):
     """One micro-batch per step: the two streams' gradients stay two trees (the fused kernels add
     them); accumulating, they are summed at once, so that no extra tree is held between

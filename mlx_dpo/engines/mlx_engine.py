@@ -141,28 +141,39 @@ class MLXEngine:
             return self._evaluate(batch)
 
     def _evaluate(self, batch: Batch) -> dict[str, float]:
-        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
         policy = self.models.policy
         policy.eval()
         try:
-            plan = self.fast.plan(batch)
-            if plan is not None:  # completion positions only
-                token_lps, ref_token_lps, kl = self.fast.eval_terms(plan)
-                mask = mx.array(plan.weights)
-            else:
-                ref_logits, logits = reference_forward(self.models, inputs), policy(inputs)
-                token_lps, ref_token_lps = token_logps(logits, targets), token_logps(ref_logits, targets)
-                kl = position_kl(logits, ref_logits)
-            logps, ref_logps = self._reduce_logps(token_lps, mask), self._reduce_logps(ref_token_lps, mask)
-            _, aux = self._dpo_terms_from_logps(logps, ref_logps)
-            stats = _sums(*aux, batch)
-            stats["kl_sum"] = (kl * mask).sum()
-            stats["kl_tokens"] = mask.sum()
-            stats["gap_sum"] = pair_gaps(aux[1], aux[2], mx).sum()
-            mx.eval(stats)
+            parts = self.cpu_streams.split(batch)  # on the CPU, pairs over the streams as in training
+            with self.cpu_streams.running(parts):
+                sums = []
+                for stream, part in parts:
+                    with on_stream(stream):
+                        sums.append(self._eval_sums(part))
+                stats = {k: sum(part_sums[k] for part_sums in sums) for k in sums[0]}
+                mx.eval(stats)
         finally:
             policy.train()
         return {k: float(v) for k, v in stats.items()}
+
+    def _eval_sums(self, batch: Batch) -> dict[str, mx.array]:
+        """Summed statistics of one batch (nothing evaluated): DPO terms, KL, preference gap."""
+        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+        plan = self.fast.plan(batch)
+        if plan is not None:  # completion positions only
+            token_lps, ref_token_lps, kl = self.fast.eval_terms(plan)
+            mask = mx.array(plan.weights)
+        else:
+            ref_logits, logits = reference_forward(self.models, inputs), self.models.policy(inputs)
+            token_lps, ref_token_lps = token_logps(logits, targets), token_logps(ref_logits, targets)
+            kl = position_kl(logits, ref_logits)
+        logps, ref_logps = self._reduce_logps(token_lps, mask), self._reduce_logps(ref_token_lps, mask)
+        _, aux = self._dpo_terms_from_logps(logps, ref_logps)
+        stats = _sums(*aux, batch)
+        stats["kl_sum"] = (kl * mask).sum()
+        stats["kl_tokens"] = mask.sum()
+        stats["gap_sum"] = pair_gaps(aux[1], aux[2], mx).sum()
+        return stats
 
     def reference_sums(self, batch: Batch) -> mx.array:
         """Summed completion log-probs of the reference, (2B,): what refcache.py stores. On the CPU
