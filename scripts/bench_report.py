@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 
 START, END = "<!-- dpo-step-bench:start -->", "<!-- dpo-step-bench:end -->"
 
@@ -240,36 +241,49 @@ def _peaks(results: dict) -> list[float]:
     return results.get("matmul_peaks") or [results["matmul_peak_gflops"], results["matmul_peak_gflops_after"]]
 
 
+def _ablation(src: Optional[dict]) -> list[dict]:
+    """The variant rows (base row/setting) of a run whose base row ran in it too."""
+    names = {r["row"] for r in (src or {}).get("rows", [])}
+    return [r for r in (src or {}).get("rows", []) if "/" in r["row"] and r["row"].split("/")[0] in names]
+
+
 def extra_sections(results: dict, earlier) -> list[str]:
-    """Scale and ablation tables: from this run, or from an earlier run (stated as such)."""
-    src = results if results["scale"] else earlier
-    if not src:
-        return []
+    """Ablation and scale tables, each from this run when it has it, else from an earlier run
+    (stated as such)."""
+    ablation_src = results if _ablation(results) else earlier
+    scale_src = results if results["scale"] else earlier
     lines = []
-    if src is earlier:
-        lines += [f"Scale and ablation come from a separate run ({earlier['started']}, same machine, the code of that time; \"Where a step's time goes\" says which session's), "
-                  "with its own mlx-dpo rows as the baselines; its matmul rate was "
-                  f"{', '.join(f'{p:.0f}' for p in _peaks(earlier))} GFLOP/s:", "",
+    from_earlier = []
+    if earlier is not None:
+        if scale_src is earlier and earlier["scale"]:
+            from_earlier.append("scale")
+        if ablation_src is earlier and _ablation(earlier):
+            from_earlier.append("ablation")
+    if from_earlier:
+        what, verb = " and ".join(from_earlier).capitalize(), "come" if len(from_earlier) > 1 else "comes"
+        lines += [f"{what} {verb} from a separate run ({earlier['started']}, same machine, the code of that time; "
+                  "\"Where a step's time goes\" says which session's), with its own mlx-dpo rows as the baselines; "
+                  f"its matmul rate was {', '.join(f'{p:.0f}' for p in _peaks(earlier))} GFLOP/s:", "",
                   "```", f"$ {command(earlier['args'])}", "```", ""]
-    rows = {r["row"]: r for r in src["rows"]}
-    ablation = [r for r in src["rows"] if "/" in r["row"] and r["row"].split("/")[0] in rows]
+    ablation = _ablation(ablation_src)
     if ablation:
+        rows = {r["row"]: r for r in ablation_src["rows"]}
         bases = [rows.get(name) for name in dict.fromkeys(r["row"].split("/")[0] for r in ablation)]
         lines += ["Ablation and variants (one setting changed per row, against the row before the slash):", "",
                   *table([r for r in (*bases, *ablation) if r]), ""]
         lines += [f"- `{r['row']}`: step time {rows[r['row'].split('/')[0]]['pairs_per_s'] / r['pairs_per_s']:.2f}x "
                   f"that of `{r['row'].split('/')[0]}`" for r in ablation if "error" not in r] + [""]
-    if src["scale"]:
+    if scale_src and scale_src["scale"]:
         lines += ["Scale (mlx-dpo LoRA; linear cost means constant seconds per 1k tokens):", ""]
-        run = src.get("scale_run")
+        run = scale_src.get("scale_run")
         if run:  # a later run of the scale rows alone
-            after = "the rows above" if src is results else "that run's rows"
+            after = "the rows above" if scale_src is results else "that run's rows"
             lines += [f"Measured {run['started']}, after {after}, the shapes interleaved over {run['rounds']} "
                       f"rounds ({run['rounds'] * run['steps']} timed steps each; matmul rate "
                       f"{run['matmul_peak_gflops']:.0f} GFLOP/s right after them):", "",
                       "```", f"$ .venv/bin/python scripts/bench.py --scale-only --rounds {run['rounds']} --write-docs",
                       "```", ""]
-        lines += [*scale_table(src["scale"]), ""]
+        lines += [*scale_table(scale_src["scale"]), ""]
     return lines
 
 

@@ -51,3 +51,31 @@ def test_command_line_errors_name_the_file(tmp_path):
         assert done.returncode == 2
         assert f"{path}: {message}" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def _run(started, rows, scale=()):
+    return {"started": started, "args": {"rounds": 3}, "matmul_peaks": [250.0, 260.0], "rows": rows,
+            "scale": list(scale)}
+
+
+def _bench_row(name, median):
+    return {"row": name, "median_s": median, "min_s": median, "pairs_per_s": 2 / median, "tokens_per_s": 100.0,
+            "peak_mlx_gb": 1.0, "peak_rss_gb": 1.5, "gflops_per_s": 100.0}
+
+
+def test_ablation_and_scale_each_come_from_the_run_that_has_them():
+    """A scale-only run added to the latest table keeps the earlier run's ablation rows, and says
+    that only those come from the earlier run."""
+    report = load_report()
+    scale = [{"seq": 256, "batch": 2, "median_s": 3.0, "tokens_per_s": 333.0, "s_per_ktoken": 3.0, "gflops_per_s": 120.0,
+              "peak_mlx_gb": 1.3}]
+    latest = _run("2026-12-02 17:09", [_bench_row("mlx-dpo-lora", 3.0)], scale)
+    earlier = _run("2026-12-02 10:20", [_bench_row("mlx-dpo-lora", 3.1), _bench_row("mlx-dpo-lora/plain", 18.0)],
+                   scale)
+    text = "\n".join(report.extra_sections(latest, earlier))
+    assert "Ablation comes from a separate run (2026-12-02 10:20" in text and "Scale and" not in text
+    assert "| mlx-dpo-lora/plain | 18.00 |" in text and "step time 5.81x that of `mlx-dpo-lora`" in text
+    assert "| 256 | 2 | 3.00 |" in text
+    both = "\n".join(report.extra_sections(_run("2026-12-02 17:09", latest["rows"]), earlier))
+    assert "Scale and ablation come from a separate run" in both
+    assert report.extra_sections(_run("x", latest["rows"]), None) == []
