@@ -39,7 +39,6 @@ CPU_ENV_DEFAULTS = {"MLX_BFS_MAX_WIDTH": "2000"}
 # (docs/benchmarks.md).
 CPU_CACHE_FRACTION = float(os.environ.get("MLX_DPO_CPU_CACHE_FRACTION", "0"))
 
-
 # Where Debian/Ubuntu/Fedora put an optimized BLAS exporting the CBLAS symbols MLX calls.
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",

@@ -45,6 +45,16 @@ class CpuStreams:
         return list(zip(self.streams, parts))
 
     @staticmethod
+    def built(parts: list, fn) -> list:
+        """fn(part) for each (stream, part) of `split`, each built on its part's stream; nothing is
+        evaluated (evaluate inside `running(parts)`)."""
+        out = []
+        for stream, part in parts:
+            with on_stream(stream):
+                out.append(fn(part))
+        return out
+
+    @staticmethod
     def running(parts: list) -> contextlib.AbstractContextManager:
         """Context for evaluating `parts`: one OpenBLAS thread per stream when there are several."""
         return openblas_threads(1) if len(parts) > 1 else contextlib.nullcontext()

@@ -19,7 +19,7 @@ from ..logprobs import position_kl, sequence_logps, token_logps
 from ..losses import LOSSES
 from ..models import Models, export_model, load_models, load_trainable, reference_forward, save_adapters
 from ..preference_gap import pair_gaps
-from .cpu_streams import CpuStreams, alternating_leaves, on_stream
+from .cpu_streams import CpuStreams, alternating_leaves
 from .mlx_fast import FastPath, UpdateStep, added, merge_optimizer_state
 
 
@@ -98,14 +98,10 @@ class MLXEngine:
 
     def _forward_backward(self, batch: Batch, global_pairs: int) -> dict[str, float]:
         parts = self.cpu_streams.split(batch)
-        grads, stats = [], None
         with self.cpu_streams.running(parts):
-            for stream, part in parts:
-                with on_stream(stream):
-                    part_grads, aux = self._part_grads(part, global_pairs)
-                    part_stats = _sums(*aux, part)
-                grads.append(part_grads)
-                stats = part_stats if stats is None else {k: stats[k] + v for k, v in part_stats.items()}
+            built = self.cpu_streams.built(parts, lambda part: self._part_grads(part, global_pairs))
+            grads = [part_grads for part_grads, _ in built]
+            stats = _summed([part_stats for _, part_stats in built])
             if not self._parts_apart:
                 grads = [added(grads)]
             self._grads = _accumulated(self._grads, grads)
@@ -113,14 +109,15 @@ class MLXEngine:
         return {k: float(v) for k, v in stats.items()}
 
     def _part_grads(self, batch: Batch, global_pairs: int):
-        """(grads, aux) of one batch, on the current stream; nothing evaluated."""
+        """(grads, summed statistics) of one batch, on the current stream; nothing evaluated."""
         plan = self.fast.plan(batch)
         if plan is not None:
-            return self.fast.forward_backward(plan, batch.ref_logps, 1.0 / global_pairs)
-        inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
-        ref_logps = self._reference_logps(inputs, targets, mask)
-        (_, aux), grads = self._grad_fn(inputs, targets, mask, ref_logps, 1.0 / global_pairs)
-        return grads, aux
+            grads, aux = self.fast.forward_backward(plan, batch.ref_logps, 1.0 / global_pairs)
+        else:
+            inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+            ref_logps = self._reference_logps(inputs, targets, mask)
+            (_, aux), grads = self._grad_fn(inputs, targets, mask, ref_logps, 1.0 / global_pairs)
+        return grads, _sums(*aux, batch)
 
     def apply_update(self, learning_rate: float, skip: bool = False) -> tuple[float, bool]:
         grads, self._grads = self._grads, None
@@ -146,11 +143,7 @@ class MLXEngine:
         try:
             parts = self.cpu_streams.split(batch)  # on the CPU, pairs over the streams as in training
             with self.cpu_streams.running(parts):
-                sums = []
-                for stream, part in parts:
-                    with on_stream(stream):
-                        sums.append(self._eval_sums(part))
-                stats = {k: sum(part_sums[k] for part_sums in sums) for k in sums[0]}
+                stats = _summed(self.cpu_streams.built(parts, self._eval_sums))
                 mx.eval(stats)
         finally:
             policy.train()
@@ -180,10 +173,7 @@ class MLXEngine:
         the pairs are split over the CPU streams as in training, each part's chosen rows first."""
         parts = self.cpu_streams.split(batch)
         with self.kernels(), self.cpu_streams.running(parts):
-            sums = []
-            for stream, part in parts:
-                with on_stream(stream):
-                    sums.append(self._reference_sums(part))
+            sums = self.cpu_streams.built(parts, self._reference_sums)
             mx.eval(sums)
         if len(sums) == 1:
             return sums[0]
@@ -229,6 +219,11 @@ def _accumulated(held: Optional[list], new: list) -> list:
     if len(held) == len(new):
         return [tree_map(mx.add, a, b) for a, b in zip(held, new)]
     return [added(held + new)]
+
+
+def _summed(parts: list[dict]) -> dict:
+    """The CPU streams' statistics added key by key."""
+    return {key: sum(part[key] for part in parts) for key in parts[0]}
 
 
 def _sums(losses, chosen_r, rejected_r, logps, batch: Batch) -> dict:
