@@ -10,6 +10,13 @@ and, through the VJP here, in the backward. One fp32 rank-8 layer of SmolLM2-135
 576x576 4.09 against 4.79 ms. The values are mlx-lm's up to float rounding
 (tests/test_cpu_lora.py).
 
+Where native.py's kernels are built and the rank is 4, 8, 16, 32 or 64, the rank-r products run in
+C++ instead (csrc/lora_kernels.cpp): the forward adds the branch into the frozen output in place in
+one pass over the rows, and the backward makes the input gradient's rank-r part and both LoRA
+gradients in one more. One rank-8 layer of each of SmolLM2-135M's weight shapes (500 tokens, one
+thread, a scratch script): the branch added 13% to the frozen products where mx.addmm added 19%; the
+bench's LoRA step 1.01-1.06x faster (two interleaved A/B runs, docs/benchmarks.md, session 17).
+
 With compute.recompute_activations, a SwiGLU MLP whose down projection is such a layer runs
 SwiGLU and the down projection as one function whose backward recomputes silu(gate) * up from
 gate and up (kept anyway for SwiGLU's own backward) instead of keeping it: 1536 floats per token
@@ -22,20 +29,35 @@ takes mlx-lm's own `__call__`.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
-from . import cpu_kernels
+from . import cpu_kernels, cpu_layers
 from .recompute import after, ordered
+
+
+NATIVE_RANKS = (4, 8, 16, 32, 64)  # what csrc/lora_kernels.cpp is built for
+
+
+def _lora_kernels(lora_a: mx.array):
+    """mlx-dpo's C++ LoRA kernels where they apply (built, float32, a rank they have, not switched
+    off by MLX_DPO_NATIVE_LORA=0), else None: then `mx.addmm` carries the rank-r products."""
+    if lora_a.shape[-1] not in NATIVE_RANKS or os.environ.get("MLX_DPO_NATIVE_LORA", "1") == "0":
+        return None
+    return cpu_layers.kernels_for(lora_a)
 
 
 @mx.custom_function
 def _lora_linear(x, weight, lora_a, lora_b, scale):
     """x (tokens, in) @ weight.T + scale * (x @ lora_a) @ lora_b (scale: a (1,) array, as a custom
     function's inputs are arrays; it is not trained)."""
+    kernels = _lora_kernels(lora_a)
+    if kernels is not None:  # the rank-r branch added into the frozen product's output in place
+        return kernels.lora_add(x @ weight.T, x, lora_a, lora_b, scale)
     return mx.addmm(x @ weight.T, (x @ lora_a) * scale, lora_b)
 
 
@@ -45,10 +67,14 @@ def _lora_linear_vjp(primals, cotangent, output):
 
 
 def _lora_linear_grads(x, weight, lora_a, lora_b, scale, cotangent):
-    d_low = (cotangent @ lora_b.T) * scale  # (tokens, r)
-    d_x = mx.addmm(cotangent @ weight, d_low, lora_a.T)
     # Lazy: nothing evaluates the frozen weight's gradient unless someone asks for it.
     d_weight = cotangent.T @ x
+    kernels = _lora_kernels(lora_a)
+    if kernels is not None:  # one pass over the rows for every rank-r product
+        d_x, d_lora_a, d_lora_b = kernels.lora_grad(cotangent, cotangent @ weight, x, lora_a, lora_b, scale)
+        return d_x, d_weight, d_lora_a, d_lora_b, mx.zeros_like(scale)
+    d_low = (cotangent @ lora_b.T) * scale  # (tokens, r)
+    d_x = mx.addmm(cotangent @ weight, d_low, lora_a.T)
     d_lora_b = ((x @ lora_a) * scale).T @ cotangent
     return d_x, d_weight, x.T @ d_low, d_lora_b, mx.zeros_like(scale)
 

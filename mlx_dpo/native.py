@@ -6,8 +6,8 @@ several each, and attention's products go to OpenBLAS as small matrices whose pa
 much as their arithmetic. The files in `csrc/` are MLX primitives that do these in one pass or
 one fused loop: causal and shared-prompt attention forward and backward (causal_attention.cpp,
 cpu_attention.py calls it), the causal row softmax (attention_softmax.cpp: other head sizes and
-the LM head's chunks), RMSNorm, SwiGLU and RoPE (layer_kernels.cpp, through cpu_layers.py) and
-AdamW's step (optimizer_kernels.cpp, engines/mlx_fast.py). Together they took the bench's LoRA
+the LM head's chunks), RMSNorm, SwiGLU and RoPE (layer_kernels.cpp, through cpu_layers.py), LoRA's
+rank-r branch (lora_kernels.cpp, through cpu_lora.py) and AdamW's step (optimizer_kernels.cpp, engines/mlx_fast.py). Together they took the bench's LoRA
 step from 3.1-3.3 to 2.3-2.5 s (docs/benchmarks.md, session 11).
 
 Like MLX's own CPU `mx.compile`, which runs `g++` on generated source, this module compiles them
@@ -54,7 +54,7 @@ FLAGS = ["-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-e
 # the row loops; docs/benchmarks.md, session 12).
 X86_FLAGS = ["-mprefer-vector-width=512"]
 
-FALLBACK = "attention, norms, SwiGLU, RoPE and AdamW run on MLX ops (slower)"
+FALLBACK = "attention, norms, SwiGLU, RoPE, LoRA's branch and AdamW run on MLX ops (slower)"
 # Each source version, MLX and virtualenv gets its own build (~0.6 MB); when a new one is made, the
 # others that no process has loaded for this long are removed.
 STALE_AFTER_DAYS = 30
@@ -85,7 +85,7 @@ def _load() -> tuple[Optional[ModuleType], str]:
         _check(module)
     except Exception as exc:  # any failure leaves the MLX-op kernels in place
         return None, f"unavailable ({exc}); {FALLBACK}"
-    return module, f"built: attention, RMSNorm, SwiGLU, RoPE, the head's softmax, AdamW ({path})"
+    return module, f"built: attention, RMSNorm, SwiGLU, RoPE, the head's softmax, LoRA, AdamW ({path})"
 
 
 def build(quiet: bool = False) -> Path:

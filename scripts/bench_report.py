@@ -324,7 +324,8 @@ every block of 32 MiB or more on its own (`MLX_DPO_MALLOC=system`; by default ml
 block from the heap and keeps freed ones there, and the mlx-lm-lora rows get the same setting, as
 they get the same OpenBLAS binding, by importing mlx_dpo); `no-cpp` switches mlx-dpo's C++
 kernels off (`MLX_DPO_NATIVE=0`; mlx_dpo/native.py: attention, RMSNorm, SwiGLU, RoPE, the head's
-softmax, AdamW), leaving their MLX-op versions; `keep-swiglu` keeps the SwiGLU product from the
+softmax, LoRA's rank-r branch, AdamW), leaving their MLX-op versions; `addmm-lora` switches off only
+the C++ LoRA branch (`MLX_DPO_NATIVE_LORA=0`), leaving it on `mx.addmm`; `keep-swiglu` keeps the SwiGLU product from the
 forward instead of recomputing it (`compute.recompute_activations: false`); `checkpointing` turns on each trainer's gradient checkpointing (mlx-dpo:
 `compute.gradient_checkpointing`, every block, its lowest-memory setting; mlx-lm-lora: its
 `grad_checkpoint`, which wraps the model's block class). Every other technique is on by default and

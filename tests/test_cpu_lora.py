@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlx_dpo import cpu_kernels, cpu_lora
+from mlx_dpo import cpu_kernels, cpu_lora, native
 
 
 def _pair(bias: bool, dropout: float = 0.0):
@@ -43,7 +43,17 @@ class _Host(nn.Module):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_addmm_lora_equals_mlx_lm_values_and_gradients(bias):
+@pytest.mark.parametrize("kernels", ["c++", "addmm"])
+def test_addmm_lora_equals_mlx_lm_values_and_gradients(bias, kernels, monkeypatch):
+    """Through mlx-dpo's C++ LoRA kernels where they are built, and through mx.addmm (their
+    fallback, MLX_DPO_NATIVE_LORA=0)."""
+    if kernels == "addmm":
+        monkeypatch.setenv("MLX_DPO_NATIVE_LORA", "0")
+    elif native.kernels() is None:
+        pytest.skip(native.status())
+    used = []
+    find = cpu_lora._lora_kernels
+    monkeypatch.setattr(cpu_lora, "_lora_kernels", lambda a: used.append(find(a)) or used[-1])
     ours, theirs = _pair(bias)
     x = mx.random.normal((2, 7, 24), key=mx.random.key(2))
     weights = mx.random.normal((2, 7, 40), key=mx.random.key(3))
@@ -56,6 +66,7 @@ def test_addmm_lora_equals_mlx_lm_values_and_gradients(bias):
     finally:
         cpu_lora._lora_linear = original
     assert calls, "the fused path did not run inside installed()"
+    assert used and all((k is not None) == (kernels == "c++") for k in used), used
     their_value, (their_grads, their_d_x) = _loss_and_grads(theirs, x, weights)
     np.testing.assert_allclose(float(value), float(their_value), rtol=1e-5)
     np.testing.assert_allclose(np.array(d_x), np.array(their_d_x), rtol=1e-4, atol=1e-5)

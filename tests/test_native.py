@@ -352,9 +352,10 @@ def test_guarded_update_takes_the_same_steps_through_the_fused_adamw(monkeypatch
 
 
 @needs_build
-def test_the_portable_build_without_avx512_computes_the_same_attention(monkeypatch, tmp_path):
+def test_the_portable_build_without_avx512_computes_the_same_attention_and_lora(monkeypatch, tmp_path):
     """Machines without AVX-512 compile the kernels' plain C++ tiles: build them so here (extra
-    compiler flags through MLX_DPO_NATIVE_CXXFLAGS) and check them against the masked softmax."""
+    compiler flags through MLX_DPO_NATIVE_CXXFLAGS) and check them against the masked softmax and
+    LoRA's formulas."""
     monkeypatch.setenv("MLX_DPO_NATIVE_DIR", str(tmp_path))
     monkeypatch.setenv("MLX_DPO_NATIVE_CXXFLAGS", "-mno-avx512f")
     portable = native._import(native.build(quiet=True))
@@ -371,6 +372,45 @@ def test_the_portable_build_without_avx512_computes_the_same_attention(monkeypat
     ours = portable.causal_attention_grad(q, k, v, out, top, total, d_out, left_pad, 0, NO_SPLIT, NO_SPLIT)
     for a, e in zip(ours, grads):
         np.testing.assert_allclose(np.array(a), np.array(e), atol=1e-5 * max(float(mx.abs(e).max()), 1.0))
+    for rank in (8, 32):  # and the LoRA kernels' plain loops
+        _check_lora(portable, rank)
+
+
+def _check_lora(kernels, rank, tokens=13, inputs=40, outputs=24):
+    """lora_add and lora_grad against their formulas on MLX ops: token counts and widths that
+    leave partial row blocks and vector tails."""
+    keys = [mx.random.key(i) for i in range(40, 46)]
+    x, base = mx.random.normal((tokens, inputs), key=keys[0]), mx.random.normal((tokens, outputs), key=keys[1])
+    a, b = mx.random.normal((inputs, rank), key=keys[2]), mx.random.normal((rank, outputs), key=keys[3])
+    d_y, d_x_base = mx.random.normal((tokens, outputs), key=keys[4]), mx.random.normal((tokens, inputs), key=keys[5])
+    scale = mx.array([1.5])
+    low, d_low = (x @ a) * 1.5, (d_y @ b.T) * 1.5
+    np.testing.assert_allclose(np.array(kernels.lora_add(base, x, a, b, scale)), np.array(base + low @ b),
+                               rtol=1e-5, atol=1e-4)
+    for ours, expected in zip(kernels.lora_grad(d_y, d_x_base, x, a, b, scale),
+                              (d_x_base + d_low @ a.T, x.T @ d_low, low.T @ d_y)):
+        np.testing.assert_allclose(np.array(ours), np.array(expected), rtol=1e-5, atol=1e-4)
+
+
+@needs_build
+@pytest.mark.parametrize("rank", [4, 8, 16, 32, 64])
+def test_lora_kernels_equal_their_formulas(rank):
+    _check_lora(_kernels(), rank)
+    _check_lora(_kernels(), rank, tokens=1, inputs=16, outputs=17)
+
+
+@needs_build
+def test_lora_kernels_add_in_place_only_into_free_buffers_and_reject_other_ranks():
+    kernels = _kernels()
+    x, a, b = mx.ones((9, 32)), mx.ones((32, 8)), mx.ones((8, 48))
+    base = mx.zeros((9, 48))
+    mx.eval(base)
+    out = kernels.lora_add(base, x, a, b, mx.array([0.5]))
+    mx.eval(out)
+    np.testing.assert_array_equal(np.array(base), 0.0)  # still referenced here: not written
+    np.testing.assert_allclose(np.array(out), 0.5 * 32 * 8)
+    with pytest.raises(ValueError, match="rank"):
+        kernels.lora_add(base, x, mx.ones((32, 6)), mx.ones((6, 48)), mx.array([0.5]))
 
 
 @needs_build

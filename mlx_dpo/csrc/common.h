@@ -205,5 +205,6 @@ void add_attention_kernels(nb::module_& m);
 void add_layer_kernels(nb::module_& m);
 void add_optimizer_kernels(nb::module_& m);
 void add_causal_attention(nb::module_& m);
+void add_lora_kernels(nb::module_& m);
 
 }  // namespace mlx_dpo
