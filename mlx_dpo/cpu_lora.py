@@ -11,21 +11,9 @@ and, through the VJP here, in the backward. One fp32 rank-8 layer of SmolLM2-135
 (tests/test_cpu_lora.py).
 
 Where native.py's kernels are built and the rank is 4, 8, 16, 32 or 64, the rank-r products run in
-C++ instead (csrc/lora_kernels.cpp): the forward adds the branch into the frozen output in place in
-one pass over the rows, and the backward makes the input gradient's rank-r part and both LoRA
-gradients in one more. One rank-8 layer of each of SmolLM2-135M's weight shapes (500 tokens, one
-thread, a scratch script): the branch added 13% to the frozen products where mx.addmm added 19%; the
-bench's LoRA step 1.01-1.06x faster (two interleaved A/B runs, docs/benchmarks.md, session 17).
-
-With compute.recompute_activations, a SwiGLU MLP whose down projection is such a layer runs
-SwiGLU and the down projection as one function whose backward recomputes silu(gate) * up from
-gate and up (kept anyway for SwiGLU's own backward) instead of keeping it: 1536 floats per token
-and layer of SmolLM2-135M, 0.28 GB of a bench LoRA step's 1.89 GB peak, for one more fused pass.
-
-`use_addmm(model)` gives every plain `LoRALinear` of a model this class, and such MLPs theirs;
-parameters, and so saved adapters, are unchanged. The fused paths run only inside
-`cpu_kernels.installed` (mlx-dpo's CPU fast path), in float32, without dropout; anything else
-takes mlx-lm's own `__call__`.
+C++ instead (csrc/lora_kernels.cpp): one pass over the rows makes the forward's branch, another the
+backward's input-gradient part and both LoRA gradients, and each result is the C into which OpenBLAS
+adds the frozen product (beta = 1, so no pass over that product's output and no zeroing pass).
 """
 from __future__ import annotations
 
@@ -56,8 +44,8 @@ def _lora_linear(x, weight, lora_a, lora_b, scale):
     """x (tokens, in) @ weight.T + scale * (x @ lora_a) @ lora_b (scale: a (1,) array, as a custom
     function's inputs are arrays; it is not trained)."""
     kernels = _lora_kernels(lora_a)
-    if kernels is not None:  # the rank-r branch added into the frozen product's output in place
-        return kernels.lora_add(x @ weight.T, x, lora_a, lora_b, scale)
+    if kernels is not None:  # the rank-r branch first, as the frozen product's C (beta = 1)
+        return mx.addmm(kernels.lora_low(x, lora_a, lora_b, scale), x, weight.T)
     return mx.addmm(x @ weight.T, (x @ lora_a) * scale, lora_b)
 
 
@@ -71,8 +59,8 @@ def _lora_linear_grads(x, weight, lora_a, lora_b, scale, cotangent):
     d_weight = cotangent.T @ x
     kernels = _lora_kernels(lora_a)
     if kernels is not None:  # one pass over the rows for every rank-r product
-        d_x, d_lora_a, d_lora_b = kernels.lora_grad(cotangent, cotangent @ weight, x, lora_a, lora_b, scale)
-        return d_x, d_weight, d_lora_a, d_lora_b, mx.zeros_like(scale)
+        d_x_low, d_lora_a, d_lora_b = kernels.lora_grad(cotangent, x, lora_a, lora_b, scale)
+        return mx.addmm(d_x_low, cotangent, weight), d_weight, d_lora_a, d_lora_b, mx.zeros_like(scale)
     d_low = (cotangent @ lora_b.T) * scale  # (tokens, r)
     d_x = mx.addmm(cotangent @ weight, d_low, lora_a.T)
     d_lora_b = ((x @ lora_a) * scale).T @ cotangent

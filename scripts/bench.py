@@ -188,6 +188,9 @@ def main() -> None:
                  "not exist yet; run bench.py without --scale-only first")
     model = Path(args.model) if args.model else default_model(work)
     config = json.loads((model / "config.json").read_text())
+    # mlx-dpo's C++ kernels are built on first use: build them now, so that no row's first round
+    # (its reference pass) pays for the compilation after a change to their sources
+    subprocess.run([sys.executable, "-m", "mlx_dpo.native"], check=False)
     started = time.strftime("%Y-%m-%d %H:%M")
     if args.scale_only:
         results = json.loads((work / "results.json").read_text())

@@ -377,18 +377,15 @@ def test_the_portable_build_without_avx512_computes_the_same_attention_and_lora(
 
 
 def _check_lora(kernels, rank, tokens=13, inputs=40, outputs=24):
-    """lora_add and lora_grad against their formulas on MLX ops: token counts and widths that
+    """lora_low and lora_grad against their formulas on MLX ops: token counts and widths that
     leave partial row blocks and vector tails."""
-    keys = [mx.random.key(i) for i in range(40, 46)]
-    x, base = mx.random.normal((tokens, inputs), key=keys[0]), mx.random.normal((tokens, outputs), key=keys[1])
+    keys = [mx.random.key(i) for i in range(40, 44)]
+    x, d_y = mx.random.normal((tokens, inputs), key=keys[0]), mx.random.normal((tokens, outputs), key=keys[1])
     a, b = mx.random.normal((inputs, rank), key=keys[2]), mx.random.normal((rank, outputs), key=keys[3])
-    d_y, d_x_base = mx.random.normal((tokens, outputs), key=keys[4]), mx.random.normal((tokens, inputs), key=keys[5])
     scale = mx.array([1.5])
     low, d_low = (x @ a) * 1.5, (d_y @ b.T) * 1.5
-    np.testing.assert_allclose(np.array(kernels.lora_add(base, x, a, b, scale)), np.array(base + low @ b),
-                               rtol=1e-5, atol=1e-4)
-    for ours, expected in zip(kernels.lora_grad(d_y, d_x_base, x, a, b, scale),
-                              (d_x_base + d_low @ a.T, x.T @ d_low, low.T @ d_y)):
+    np.testing.assert_allclose(np.array(kernels.lora_low(x, a, b, scale)), np.array(low @ b), rtol=1e-5, atol=1e-4)
+    for ours, expected in zip(kernels.lora_grad(d_y, x, a, b, scale), (d_low @ a.T, x.T @ d_low, low.T @ d_y)):
         np.testing.assert_allclose(np.array(ours), np.array(expected), rtol=1e-5, atol=1e-4)
 
 
@@ -400,17 +397,15 @@ def test_lora_kernels_equal_their_formulas(rank):
 
 
 @needs_build
-def test_lora_kernels_add_in_place_only_into_free_buffers_and_reject_other_ranks():
+def test_lora_kernels_reject_other_ranks_and_shapes():
     kernels = _kernels()
-    x, a, b = mx.ones((9, 32)), mx.ones((32, 8)), mx.ones((8, 48))
-    base = mx.zeros((9, 48))
-    mx.eval(base)
-    out = kernels.lora_add(base, x, a, b, mx.array([0.5]))
-    mx.eval(out)
-    np.testing.assert_array_equal(np.array(base), 0.0)  # still referenced here: not written
-    np.testing.assert_allclose(np.array(out), 0.5 * 32 * 8)
+    x, scale = mx.ones((9, 32)), mx.array([0.5])
     with pytest.raises(ValueError, match="rank"):
-        kernels.lora_add(base, x, mx.ones((32, 6)), mx.ones((6, 48)), mx.array([0.5]))
+        kernels.lora_low(x, mx.ones((32, 6)), mx.ones((6, 48)), scale)
+    with pytest.raises(ValueError, match="x \\(tokens, in\\)"):
+        kernels.lora_low(x, mx.ones((31, 8)), mx.ones((8, 48)), scale)
+    with pytest.raises(ValueError, match="d_y"):
+        kernels.lora_grad(mx.ones((9, 47)), x, mx.ones((32, 8)), mx.ones((8, 48)), scale)
 
 
 @needs_build

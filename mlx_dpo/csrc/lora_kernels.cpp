@@ -5,11 +5,10 @@
 // products with r (8) as one of their sizes: x A and (xA) B in the forward; dY B^T, dLow A^T, x^T dLow
 // and (xA)^T dY in the backward. Through OpenBLAS each is a call that packs both operands and passes
 // over a (tokens x width) array for a few FLOPs per float. Here the forward reads each row of x once
-// and adds its rank-r product into the frozen output in place; the backward reads each row of x, dY
-// and the frozen input gradient once and makes every LoRA gradient from them while they are in cache.
-// On SmolLM2-135M's four weight shapes (500 tokens, one thread) the rank-8 branch added 13% to the
-// frozen products' forward and input gradient, against 19% through mx.addmm; the bench's LoRA step
-// went 1.01-1.06x faster (docs/benchmarks.md, session 17).
+// and writes scale (xA) B; the backward reads each row of x and dY once and writes dLow A^T, with both
+// LoRA gradients made while the rows are in cache. The caller hands each result to OpenBLAS as the
+// frozen product's C with beta = 1 (`mx.addmm`), so the branch costs no pass over the frozen
+// product's output and OpenBLAS skips its zeroing pass (beta = 0 clears C first).
 //
 // Layouts: x (tokens, in), A (in, r), B (r, out), row-major; scale a (1,) array.
 #include <tuple>
@@ -91,15 +90,15 @@ inline void rank_dots(const float* x, int64_t ldx, int rows, const float* mt, in
   }
 }
 
-// row[c] += sum_j low[j] m[j][c] over `width` columns (m is (R, width)), for `rows` rows of ld.
+// out[i][c] = sum_j low[i][j] m[j][c] over `width` columns (m is (R, width)), for `rows` rows of ld.
 template <int R>
-inline void add_rank_rows(const float (&low)[kRows][R], int rows, const float* m, int width, float* out, int64_t ld) {
+inline void rank_rows(const float (&low)[kRows][R], int rows, const float* m, int width, float* out, int64_t ld) {
   const __mmask16 tail = static_cast<__mmask16>((1u << (width % 16)) - 1);
   for (int i = 0; i < rows; ++i) {
     float* row = out + i * ld;
     for (int c = 0; c < width; c += 16) {
       const __mmask16 mask = c + 16 <= width ? static_cast<__mmask16>(0xffff) : tail;
-      __m512 acc = _mm512_maskz_loadu_ps(mask, row + c);
+      __m512 acc = _mm512_setzero_ps();
 #pragma GCC unroll 16
       for (int j = 0; j < R; ++j) {
         acc = _mm512_fmadd_ps(_mm512_set1_ps(low[i][j]), _mm512_maskz_loadu_ps(mask, m + static_cast<int64_t>(j) * width + c),
@@ -152,11 +151,12 @@ inline void rank_dots(const float* x, int64_t ldx, int rows, const float* mt, in
   }
 }
 
-// row[c] += sum_j low[j] m[j][c] over `width` columns (m is (R, width)), for `rows` rows of ld.
+// out[i][c] = sum_j low[i][j] m[j][c] over `width` columns (m is (R, width)), for `rows` rows of ld.
 template <int R>
-inline void add_rank_rows(const float (&low)[kRows][R], int rows, const float* m, int width, float* out, int64_t ld) {
+inline void rank_rows(const float (&low)[kRows][R], int rows, const float* m, int width, float* out, int64_t ld) {
   for (int i = 0; i < rows; ++i) {
     float* row = out + i * ld;
+    std::fill(row, row + width, 0.0f);
     for (int j = 0; j < R; ++j) {
       const float l = low[i][j];
       const float* mj = m + static_cast<int64_t>(j) * width;
@@ -201,31 +201,27 @@ struct Sizes {
   int in, out;
 };
 
-// y = base + scale (x A) B, in y (which may be base's buffer).
+// y = scale (x A) B.
 template <int R>
-void lora_add_rows(const Sizes& s, const float* base, const float* x, const float* a, const float* b, float scale,
-                   float* y) {
+void lora_low_rows(const Sizes& s, const float* x, const float* a, const float* b, float scale, float* y) {
   const std::vector<float> a_t = transposed(a, s.in, R);  // (R, in): x A as dot products
-  float low[kRows][R] = {};  // rows past a short last block stay finite: add_outer multiplies them by 0
+  float low[kRows][R] = {};
   for (int64_t i0 = 0; i0 < s.tokens; i0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, s.tokens - i0));
     rank_dots<R>(x + i0 * s.in, s.in, rows, a_t.data(), s.in, scale, low);
-    if (y != base) {
-      std::memcpy(y + i0 * s.out, base + i0 * s.out, sizeof(float) * rows * s.out);
-    }
-    add_rank_rows<R>(low, rows, b, s.out, y + i0 * s.out, s.out);
+    rank_rows<R>(low, rows, b, s.out, y + i0 * s.out, s.out);
   }
 }
 
-// With dLow = scale dY B^T: dX = dX_base + dLow A^T (in place where dX shares dX_base's buffer),
-// dA = x^T dLow, dB = (scale x A)^T dY.
+// With dLow = scale dY B^T: dX_low = dLow A^T, dA = x^T dLow, dB = (scale x A)^T dY.
 template <int R>
-void lora_grad_rows(const Sizes& s, const float* d_y, const float* d_x_base, const float* x, const float* a,
-                    const float* b, float scale, float* d_x, float* d_a, float* d_b) {
+void lora_grad_rows(const Sizes& s, const float* d_y, const float* x, const float* a, const float* b, float scale,
+                    float* d_x_low, float* d_a, float* d_b) {
   const std::vector<float> a_t = transposed(a, s.in, R);  // (R, in): x A as dot products, dLow A^T as rank rows
   std::vector<float> d_a_t(static_cast<size_t>(R) * s.in, 0.0f);
   std::fill(d_b, d_b + static_cast<int64_t>(R) * s.out, 0.0f);
-  float low[kRows][R] = {}, d_low[kRows][R] = {};  // rows past a short last block stay finite: add_outer multiplies them by 0
+  // rows past a short last block stay finite: add_outer multiplies them by 0
+  float low[kRows][R] = {}, d_low[kRows][R] = {};
   for (int64_t i0 = 0; i0 < s.tokens; i0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, s.tokens - i0));
     const float* xi = x + i0 * s.in;
@@ -234,10 +230,7 @@ void lora_grad_rows(const Sizes& s, const float* d_y, const float* d_x_base, con
     rank_dots<R>(dyi, s.out, rows, b, s.out, scale, d_low);
     add_outer<R>(low, rows, dyi, s.out, s.out, d_b);
     add_outer<R>(d_low, rows, xi, s.in, s.in, d_a_t.data());
-    if (d_x != d_x_base) {
-      std::memcpy(d_x + i0 * s.in, d_x_base + i0 * s.in, sizeof(float) * rows * s.in);
-    }
-    add_rank_rows<R>(d_low, rows, a_t.data(), s.in, d_x + i0 * s.in, s.in);
+    rank_rows<R>(d_low, rows, a_t.data(), s.in, d_x_low + i0 * s.in, s.in);
   }
   for (int k = 0; k < s.in; ++k) {
     for (int j = 0; j < R; ++j) {
@@ -270,44 +263,44 @@ class LoraPrimitive : public CpuPrimitive {
   bool same_parameters(const mx::Primitive&) const override { return true; }
 };
 
-// inputs: base, x, a, b, scale; output: y
-class LoraAdd : public LoraPrimitive {
+// inputs: x, a, b, scale; output: scale (x a) b
+class LoraLow : public LoraPrimitive {
  public:
   using LoraPrimitive::LoraPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto in = readable(inputs, outputs);
-    reuse_or_allocate(outputs[0], in[0]);
-    Sizes s = sizes_of(in[1], in[3]);
-    int r = static_cast<int>(in[2].shape(1));
-    encoder_for(inputs, outputs).dispatch([s, r, base = in[0].data<float>(), x = in[1].data<float>(),
-                                           a = in[2].data<float>(), b = in[3].data<float>(),
-                                           scale = in[4].data<float>(), y = outputs[0].data<float>()]() {
-      by_rank(r, [&](auto rank) { lora_add_rows<decltype(rank)::value>(s, base, x, a, b, *scale, y); });
+    allocate(outputs[0]);
+    Sizes s = sizes_of(in[0], in[2]);
+    int r = static_cast<int>(in[1].shape(1));
+    encoder_for(inputs, outputs).dispatch([s, r, x = in[0].data<float>(), a = in[1].data<float>(),
+                                           b = in[2].data<float>(), scale = in[3].data<float>(),
+                                           y = outputs[0].data<float>()]() {
+      by_rank(r, [&](auto rank) { lora_low_rows<decltype(rank)::value>(s, x, a, b, *scale, y); });
     });
   }
 
-  const char* name() const override { return "LoraAdd"; }
+  const char* name() const override { return "LoraLow"; }
 };
 
-// inputs: d_y, d_x_base, x, a, b, scale; outputs: d_x, d_a, d_b
+// inputs: d_y, x, a, b, scale; outputs: d_x's rank-r part, d_a, d_b
 class LoraGrad : public LoraPrimitive {
  public:
   using LoraPrimitive::LoraPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto in = readable(inputs, outputs);
-    reuse_or_allocate(outputs[0], in[1]);
-    allocate(outputs[1]);
-    allocate(outputs[2]);
-    Sizes s = sizes_of(in[2], in[4]);
-    int r = static_cast<int>(in[3].shape(1));
+    for (auto& o : outputs) {
+      allocate(o);
+    }
+    Sizes s = sizes_of(in[1], in[3]);
+    int r = static_cast<int>(in[2].shape(1));
     encoder_for(inputs, outputs).dispatch(
-        [s, r, d_y = in[0].data<float>(), d_x_base = in[1].data<float>(), x = in[2].data<float>(),
-         a = in[3].data<float>(), b = in[4].data<float>(), scale = in[5].data<float>(),
-         d_x = outputs[0].data<float>(), d_a = outputs[1].data<float>(), d_b = outputs[2].data<float>()]() {
+        [s, r, d_y = in[0].data<float>(), x = in[1].data<float>(), a = in[2].data<float>(), b = in[3].data<float>(),
+         scale = in[4].data<float>(), d_x_low = outputs[0].data<float>(), d_a = outputs[1].data<float>(),
+         d_b = outputs[2].data<float>()]() {
           by_rank(r, [&](auto rank) {
-            lora_grad_rows<decltype(rank)::value>(s, d_y, d_x_base, x, a, b, *scale, d_x, d_a, d_b);
+            lora_grad_rows<decltype(rank)::value>(s, d_y, x, a, b, *scale, d_x_low, d_a, d_b);
           });
         });
   }
@@ -323,41 +316,34 @@ void check_lora(const mx::array& x, const mx::array& a, const mx::array& b, cons
   by_rank(static_cast<int>(a.shape(1)), [](auto) {});  // throws for a rank without kernels
 }
 
-mx::array lora_add(const mx::array& base, const mx::array& x, const mx::array& a, const mx::array& b,
-                   const mx::array& scale) {
+mx::array lora_low(const mx::array& x, const mx::array& a, const mx::array& b, const mx::array& scale) {
   check_lora(x, a, b, scale);
-  if (base.ndim() != 2 || base.shape(0) != x.shape(0) || base.shape(1) != b.shape(1)) {
-    throw std::invalid_argument("lora_add: base must be (tokens, out)");
-  }
-  return mx::array(base.shape(), mx::float32, std::make_shared<LoraAdd>(cpu_stream()),
-                   {float_input(base, "base"), float_input(x, "x"), float_input(a, "a"), float_input(b, "b"),
-                    float_input(scale, "scale")});
+  return mx::array({x.shape(0), b.shape(1)}, mx::float32, std::make_shared<LoraLow>(cpu_stream()),
+                   {float_input(x, "x"), float_input(a, "a"), float_input(b, "b"), float_input(scale, "scale")});
 }
 
-std::tuple<mx::array, mx::array, mx::array> lora_grad(const mx::array& d_y, const mx::array& d_x_base,
-                                                      const mx::array& x, const mx::array& a, const mx::array& b,
-                                                      const mx::array& scale) {
+std::tuple<mx::array, mx::array, mx::array> lora_grad(const mx::array& d_y, const mx::array& x, const mx::array& a,
+                                                      const mx::array& b, const mx::array& scale) {
   check_lora(x, a, b, scale);
-  if (d_y.ndim() != 2 || d_y.shape(0) != x.shape(0) || d_y.shape(1) != b.shape(1) || d_x_base.shape() != x.shape()) {
-    throw std::invalid_argument("lora_grad: d_y must be (tokens, out) and d_x_base x's shape");
+  if (d_y.ndim() != 2 || d_y.shape(0) != x.shape(0) || d_y.shape(1) != b.shape(1)) {
+    throw std::invalid_argument("lora_grad: d_y must be (tokens, out)");
   }
   auto outs = mx::array::make_arrays(
       {x.shape(), a.shape(), b.shape()}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<LoraGrad>(cpu_stream()),
-      {float_input(d_y, "d_y"), float_input(d_x_base, "d_x_base"), float_input(x, "x"), float_input(a, "a"),
-       float_input(b, "b"), float_input(scale, "scale")});
+      {float_input(d_y, "d_y"), float_input(x, "x"), float_input(a, "a"), float_input(b, "b"),
+       float_input(scale, "scale")});
   return {outs[0], outs[1], outs[2]};
 }
 
 }  // namespace
 
 void add_lora_kernels(nb::module_& m) {
-  m.def("lora_add", &lora_add, nb::arg("base"), nb::arg("x"), nb::arg("a"), nb::arg("b"), nb::arg("scale"),
-        "base + scale * (x @ a) @ b, for x (tokens, in), a (in, r), b (r, out), scale (1,); r in 4, 8, 16, 32, 64.");
-  m.def("lora_grad", &lora_grad, nb::arg("d_y"), nb::arg("d_x_base"), nb::arg("x"), nb::arg("a"), nb::arg("b"),
-        nb::arg("scale"),
-        "(d_x, d_a, d_b) of lora_add's rank-r branch: with d_low = scale * d_y @ b.T, d_x = d_x_base + d_low @ a.T, "
-        "d_a = x.T @ d_low, d_b = (scale * x @ a).T @ d_y.");
+  m.def("lora_low", &lora_low, nb::arg("x"), nb::arg("a"), nb::arg("b"), nb::arg("scale"),
+        "scale * (x @ a) @ b, for x (tokens, in), a (in, r), b (r, out), scale (1,); r in 4, 8, 16, 32, 64.");
+  m.def("lora_grad", &lora_grad, nb::arg("d_y"), nb::arg("x"), nb::arg("a"), nb::arg("b"), nb::arg("scale"),
+        "(d_x_low, d_a, d_b) of lora_low: with d_low = scale * d_y @ b.T, d_x_low = d_low @ a.T (what x's gradient "
+        "adds to the frozen product's), d_a = x.T @ d_low, d_b = (scale * x @ a).T @ d_y.");
 }
 
 }  // namespace mlx_dpo
