@@ -14,6 +14,18 @@ Where native.py's kernels are built and the rank is 4, 8, 16, 32 or 64, the rank
 C++ instead (csrc/lora_kernels.cpp): one pass over the rows makes the forward's branch, another the
 backward's input-gradient part and both LoRA gradients, and each result is the C into which OpenBLAS
 adds the frozen product (beta = 1, so no pass over that product's output and no zeroing pass).
+The bench's LoRA step ran 1.06-1.10x faster than with `mx.addmm` (medians of two interleaved A/B
+runs; docs/benchmarks.md, session 17).
+
+With compute.recompute_activations, a SwiGLU MLP whose down projection is such a layer runs
+SwiGLU and the down projection as one function whose backward recomputes silu(gate) * up from
+gate and up (kept anyway for SwiGLU's own backward) instead of keeping it: 1536 floats per token
+and layer of SmolLM2-135M, 0.28 GB of a bench LoRA step's 1.89 GB peak, for one more fused pass.
+
+`use_addmm(model)` gives every plain `LoRALinear` of a model this class, and such MLPs theirs;
+parameters, and so saved adapters, are unchanged. The fused paths run only inside
+`cpu_kernels.installed` (mlx-dpo's CPU fast path), in float32, without dropout; anything else
+takes mlx-lm's own `__call__`.
 """
 from __future__ import annotations
 
