@@ -114,16 +114,14 @@ def stage_checks(stage: str, dpo_pairs_path=None, kl_divergence=None, capability
         if checkpoint_dir is not None and kl_divergence is not None:
             raise GateInputError("stage dpo_training takes --checkpoint or --kl, not both: the checkpoint "
                                  "supplies its measured KL; give one of them")
-        kl = _hand_given("kl_divergence (--kl)", kl_divergence, "a KL divergence: a finite number >= 0")
+        kl = _hand_given("kl_divergence (--kl)", kl_divergence, "kl_divergence")
         return dpo_training_checks(config, checkpoint_dir, kl)
     if stage == "evaluation":
         _need(stage, "capability_retention (--retention) or an evaluation report (--report)",
               capability_retention, report_path)
         from .eval_report import evaluation_checks
 
-        # No upper bound: a model can score above its SFT baseline (retention > 100 %).
-        retention = _hand_given("capability_retention (--retention)", capability_retention,
-                                "a percentage of the SFT baseline: a finite number >= 0")
+        retention = _hand_given("capability_retention (--retention)", capability_retention, "capability_retention")
         return evaluation_checks(constraints_of(config), retention, report_path)
     raise GateInputError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
@@ -133,15 +131,19 @@ def _need(stage: str, what: str, *values) -> None:
         raise GateInputError(f"stage {stage} needs {what}")
 
 
-def _hand_given(what: str, value, allowed: str) -> Optional[float]:
-    """A number given by hand; NaN, infinite or negative is bad input (exit 2), not a failed gate."""
+def _hand_given(what: str, value, key: str) -> Optional[float]:
+    """A number given by hand, held to the range an evaluation report's `key` has
+    (eval_report.RANGES): NaN, infinite or out of range is bad input (exit 2), not a failed gate."""
+    from .eval_report import RANGES
+
     if value is None:
         return None
+    low, high, allowed = RANGES[key]
     try:
         number = float(value)
     except (TypeError, ValueError):
         number = math.nan
-    if not math.isfinite(number) or number < 0:
+    if not (math.isfinite(number) and low <= number <= high):
         raise GateInputError(f"{what} must be {allowed}, got {value!r}")
     return number
 

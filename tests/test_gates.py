@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 from mlx_dpo.cli import main
 from mlx_dpo.gates import GateInputError, enforce_gates, judge
+from mlx_dpo import eval_report
 
 BENCH_TEXT = "compute the largest prime factor of an integer greater than one and return it to the caller now"
 
@@ -150,7 +151,9 @@ def test_impossible_value_by_hand_is_bad_input(stage, option, value):
     """A negative, NaN or infinite value cannot be measured: bad input (2), not PASS or FAIL."""
     result = gates(stage, option, value)
     assert result.exit_code == 2, result.output
-    assert f"({option}) must be" in result.output and "finite number >= 0" in result.output
+    key = {"--kl": "kl_divergence", "--retention": "capability_retention"}[option]
+    allowed = eval_report.RANGES[key][2]  # the same range and words as an evaluation report's
+    assert f"({option}) must be {allowed}" in result.output
     assert f"got {float(value)!r}" in result.output
 
 
