@@ -105,7 +105,8 @@ def _preload_blas() -> str:
             detail = f", kernels {kernels}" if kernels else ""
             if replaced:
                 detail += f" (set by mlx-dpo: on its own OpenBLAS picks {replaced} on this CPU)"
-            return f"OpenBLAS ({os.path.realpath(path)}{detail})"
+            name = "OpenBLAS" if hasattr(library, "openblas_get_config") else "BLAS"  # MLX_DPO_BLAS may name another
+            return f"{name} ({os.path.realpath(path)}{detail})"
     return "bundled reference BLAS (slow: install libopenblas0-pthread)"
 
 

@@ -37,6 +37,17 @@ def test_linux_uses_openblas_when_installed_and_can_opt_out():
     assert name.startswith("bundled") and mapped == "False"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="MLX_DPO_BLAS binds a library on Linux only")
+def test_a_library_other_than_openblas_is_not_called_openblas():
+    # any shared library will do for the name: libm stands in for BLIS or MKL, which CI lacks
+    libm = next((p for p in sorted(Path("/").glob("*/*-linux-gnu/libm.so.6")) + [Path("/lib64/libm.so.6")]
+                 if p.exists()), None)
+    if libm is None:
+        pytest.skip("no libm.so.6 found")
+    name = run_probe({"MLX_DPO_BLAS": str(libm)})[1]
+    assert name == f"BLAS ({os.path.realpath(libm)})"
+
+
 def test_kernel_choice_follows_the_cpu_flags():
     avx512 = {"avx", "avx2", "fma", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"}
     assert blas_kernels.better_kernels("Prescott", avx512) == "SkylakeX"
