@@ -83,6 +83,12 @@ class TrainingConfig:
                                            "tokenization), instead of a reference forward in every step.")
     reference_cache_dir: Optional[str] = opt(None, "Where cached reference log-probs live. Default: "
                                                    "$MLX_DPO_CACHE_DIR/reference-logps, else ~/.cache/mlx-dpo/reference-logps.")
+    eval_reference_cache_gb: float = opt(1.0, "Keep the reference's final hidden states at the validation pairs' "
+                                              "completion positions (made at the first evaluation, cached on disk "
+                                              "beside the log-probs), so that later evaluations run no reference "
+                                              "forward: the KL and preference gap behind the gates come from them "
+                                              "exactly. Skipped when they would take more GB of memory than this; "
+                                              "0 turns it off.", min=0)
     share_prompt: bool = opt(True, "Run each pair's prompt once for chosen and rejected (same log-probs, "
                                    "less compute; models whose attention has no RoPE `rope` module run each "
                                    "sequence whole).")

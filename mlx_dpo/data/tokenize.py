@@ -25,6 +25,9 @@ class EncodedPair:
     truncated: bool = False
     line: int = 0
     ref_logps: Optional[tuple] = None  # (chosen, rejected) reference log-prob sums, when cached
+    # (chosen, rejected) reference hidden states at the completion positions, float32 arrays of
+    # (completion length, hidden size), when cached for evaluation (refcache.attach_eval_hidden)
+    ref_hidden: Optional[tuple] = None
 
     @property
     def length(self) -> int:

@@ -29,10 +29,12 @@ def new_secret() -> str:
 
 
 def load_secret(env: Optional[dict] = None) -> bytes:
-    """The secret from MLX_DPO_SECRET, else from the file named by MLX_DPO_SECRET_FILE."""
+    """The secret from the file named by MLX_DPO_SECRET_FILE, else from MLX_DPO_SECRET: the order
+    in which `mlx-dpo launch` picks it, so that with both set every rank reads what the launcher
+    handed to the machines it reaches over ssh (the file's name, never the variable)."""
     env = os.environ if env is None else env
     value, where = env.get(SECRET_ENV), SECRET_ENV
-    if not value and env.get(SECRET_FILE_ENV):
+    if env.get(SECRET_FILE_ENV):
         path = Path(env[SECRET_FILE_ENV]).expanduser()
         value, where = _read_secret_file(path), str(path)
     if not value:

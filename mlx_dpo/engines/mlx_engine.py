@@ -154,7 +154,7 @@ class MLXEngine:
         inputs, targets, mask = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
         plan = self.fast.plan(batch)
         if plan is not None:  # completion positions only
-            token_lps, ref_token_lps, kl = self.fast.eval_terms(plan)
+            token_lps, ref_token_lps, kl = self.fast.eval_terms(plan, _padded_hidden(batch.ref_hidden, plan))
             mask = mx.array(plan.weights)
         else:
             ref_logits, logits = reference_forward(self.models, inputs), self.models.policy(inputs)
@@ -167,6 +167,30 @@ class MLXEngine:
         stats["kl_tokens"] = mask.sum()
         stats["gap_sum"] = pair_gaps(aux[1], aux[2], mx).sum()
         return stats
+
+    def reference_hidden(self, batch: Batch) -> Optional[list[np.ndarray]]:
+        """The reference's hidden states at each row's completion positions, float32 arrays of
+        (completion length, D) in the batch's row order, for evaluation's cache (refcache.py);
+        None where evaluation would not use them (the full-logits path, or a head that is not a
+        plain matmul). The pairs go over the CPU streams as `evaluate` splits them, so the values
+        are the ones a live evaluation of this batch computes."""
+        if not self.fast.hidden_cacheable:
+            return None
+        parts = self.cpu_streams.split(batch)
+        plans = [self.fast.plan(part) for _, part in parts]
+        if any(plan is None for plan in plans):
+            return None
+        with self.kernels(), self.cpu_streams.running(parts):
+            plan_of = iter(plans)  # built() calls in the parts' order
+            hidden = self.cpu_streams.built(parts, lambda part: self.fast.reference_hidden(next(plan_of)))
+            mx.eval(hidden)
+        rows: list = [[], []]  # chosen rows, rejected rows, over the parts in order
+        for h, (_, part) in zip(hidden, parts):
+            h = np.array(h.astype(mx.float32))
+            counts = part.mask.sum(axis=1).astype(int)
+            for r in range(h.shape[0]):
+                rows[r >= part.num_pairs].append(h[r, :counts[r]])
+        return rows[0] + rows[1]
 
     def reference_sums(self, batch: Batch) -> mx.array:
         """Summed completion log-probs of the reference, (2B,): what refcache.py stores. On the CPU
@@ -239,3 +263,14 @@ def _sums(losses, chosen_r, rejected_r, logps, batch: Batch) -> dict:
         "pairs": mx.array(float(batch.num_pairs)),
         "tokens": mx.array(float(batch.num_tokens)),
     }
+
+
+def _padded_hidden(rows: Optional[list], plan) -> Optional[mx.array]:
+    """Cached per-row hidden states (Batch.ref_hidden) as the (N, C, D) array the plan's
+    completion positions take; padding positions are zeros, which the mask leaves out."""
+    if rows is None:
+        return None
+    out = np.zeros((len(rows), plan.targets.shape[1], rows[0].shape[1]), dtype=np.float32)
+    for r, h in enumerate(rows):
+        out[r, :len(h)] = h
+    return mx.array(out)

@@ -97,17 +97,34 @@ class FastPath:
         return fn(*plan.arrays(), mx.array(plan.targets), mx.array(plan.weights), ref,
                   mx.array(scale, dtype=mx.float32))
 
-    def eval_terms(self, plan: Plan) -> tuple[mx.array, mx.array, mx.array]:
+    def _head_weights(self) -> tuple:
+        models = self.engine.models
+        reference = models.reference if models.reference is not None else models.policy  # adapters off
+        return head_weight(models.policy), head_weight(reference)
+
+    @property
+    def hidden_cacheable(self) -> bool:
+        """Whether evaluation takes nothing of the reference but its hidden states at the completion
+        positions (and its head's weight): both heads plain matmuls, on the completion-only path."""
+        return self.enabled and all(w is not None for w in self._head_weights())
+
+    def reference_hidden(self, plan: Plan) -> mx.array:
+        """The reference's hidden states (N, C, D) at the plan's completion positions."""
+        return self._reference(completion_hidden, plan.shared, plan.arrays())
+
+    def eval_terms(self, plan: Plan, ref_hidden: Optional[mx.array] = None) -> tuple[mx.array, mx.array, mx.array]:
         """(policy log-probs, reference log-probs, KL(policy || reference)), each (N, C) at the
         plan's completion positions, for evaluation: through head_logps.py's chunks when both heads
-        are plain matmuls, else from the two models' logits."""
+        are plain matmuls (from `ref_hidden`, the reference's hidden states, when they are given:
+        KL and log-probs need nothing else of the reference but its head), else from the two
+        models' logits."""
         models, arrays, targets = self.engine.models, plan.arrays(), mx.array(plan.targets)
-        reference = models.reference if models.reference is not None else models.policy  # adapters off
-        weights = (head_weight(models.policy), head_weight(reference))
+        weights = self._head_weights()
         if all(w is not None for w in weights):
             hidden = completion_hidden(models.policy, plan.shared, arrays)
-            ref_hidden = self._reference(completion_hidden, plan.shared, arrays)
-            return head_eval(hidden, weights[0], ref_hidden, weights[1], targets)
+            if ref_hidden is None:
+                ref_hidden = self.reference_hidden(plan)
+            return head_eval(hidden, weights[0], ref_hidden.astype(hidden.dtype), weights[1], targets)
         logits = completion_logits(models.policy, plan.shared, arrays)
         ref_logits = self._reference(completion_logits, plan.shared, arrays)
         return token_logps(logits, targets), token_logps(ref_logits, targets), position_kl(logits, ref_logits)
