@@ -3,6 +3,8 @@ live evaluation, no reference forward after the first evaluation or in a later r
 memory bound that falls back to the live reference."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mlx_dpo.data.batching import collate
@@ -80,3 +82,13 @@ def test_over_the_memory_bound_evaluation_runs_the_reference(setup, make_config)
     assert_same(evaluate(bounded, engine, data, lines), live)
     assert any("over training.eval_reference_cache_gb" in line for line in lines)
     assert all(p.ref_hidden is None for p in data.val.pairs)
+
+
+def test_a_damaged_cache_file_is_recomputed(setup, monkeypatch):
+    cfg, engine, data = setup
+    first = evaluate(cfg, engine, data)
+    (path,) = Path(cfg.training.reference_cache_dir).glob("*.eval-hidden.safetensors")
+    path.write_bytes(b"not a safetensors file")
+    lines: list = []
+    assert_same(evaluate(cfg, engine, prepare_data(cfg, engine.tokenizer), lines), first)
+    assert any("computed, cached in" in line for line in lines)
