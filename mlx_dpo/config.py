@@ -81,7 +81,7 @@ class TrainingConfig:
     precompute_reference: bool = opt(True, "Compute the reference log-probs of the training pairs once before "
                                            "training and cache them on disk (keyed by data, model and "
                                            "tokenization), instead of a reference forward in every step.")
-    reference_cache_dir: Optional[str] = opt(None, "Where cached reference log-probs live. Default: "
+    reference_cache_dir: Optional[str] = opt(None, "Where cached reference log-probs (and evaluation's hidden states) live. Default: "
                                                    "$MLX_DPO_CACHE_DIR/reference-logps, else ~/.cache/mlx-dpo/reference-logps.")
     eval_reference_cache_gb: float = opt(1.0, "Keep the reference's final hidden states at the validation pairs' "
                                               "completion positions (made at the first evaluation, cached on disk "
