@@ -174,10 +174,16 @@ def attach_eval_hidden(engine, pairs: list[EncodedPair], batches: list, pad_id: 
         return False
     used = [pairs[i] for b in batches for i in b]
     lengths = np.array([n for p in used for n in (len(p.chosen), len(p.rejected))], dtype=np.int64)
-    width = int(engine.models.model_config.get("hidden_size") or 0)
-    if width and lengths.sum() * width * 4 > limit_gb * 2**30:
-        echo(f"evaluation: the reference's hidden states would take {lengths.sum() * width * 4 / 2**30:.1f} GB, "
-             f"over training.eval_reference_cache_gb ({limit_gb:g}); each evaluation runs the reference")
+
+    def fits(width: int) -> bool:
+        gb = int(lengths.sum()) * width * 4 / 2**30
+        if gb > limit_gb:
+            echo(f"evaluation: the reference's hidden states would take {gb:.1f} GB, over "
+                 f"training.eval_reference_cache_gb ({limit_gb:g}); each evaluation runs the reference")
+        return gb <= limit_gb
+
+    width = int(engine.models.model_config.get("hidden_size") or 0)  # else known after a first batch
+    if width and not fits(width):
         return False
     parts = {"pairs": cache_key(engine, used), "batches": [len(b) for b in batches], "kind": "eval-hidden"}
     key = hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
@@ -186,7 +192,7 @@ def attach_eval_hidden(engine, pairs: list[EncodedPair], batches: list, pad_id: 
     if rows is not None:
         echo(f"evaluation: the reference's hidden states for {len(used)} pairs from cache {path}")
     else:
-        rows = _compute_hidden(engine, pairs, batches, pad_id, limit_gb)
+        rows = _compute_hidden(engine, pairs, batches, pad_id, None if width else fits)
         if rows is None:
             return False
         _write_hidden(path, rows, key)
@@ -197,19 +203,18 @@ def attach_eval_hidden(engine, pairs: list[EncodedPair], batches: list, pad_id: 
 
 
 def _compute_hidden(engine, pairs: list[EncodedPair], batches: list, pad_id: int,
-                    limit_gb: float) -> Optional[list[np.ndarray]]:
-    """Per pair, in `batches`' order: chosen rows' hidden states, then rejected's."""
-    out, size = [], 0
+                    fits: Optional[Callable[[int], bool]]) -> Optional[list[np.ndarray]]:
+    """Per pair, in `batches`' order: chosen rows' hidden states, then rejected's; None when the
+    engine has no use for them, or `fits` (given when the hidden size was unknown) refuses the
+    size the first batch shows."""
+    out = []
     for indices in batches:
         rows = engine.reference_hidden(collate([_without_cache(pairs[i]) for i in indices], pad_id))
-        if rows is None:
+        if rows is None or (fits is not None and not out and not fits(rows[0].shape[1])):
             return None
         b = len(indices)
         for j in range(b):
             out += [rows[j], rows[b + j]]
-        size += sum(r.nbytes for r in rows)
-        if size > limit_gb * 2**30:  # the model config did not say its hidden size
-            return None
     return out
 
 

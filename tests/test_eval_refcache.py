@@ -92,3 +92,16 @@ def test_a_damaged_cache_file_is_recomputed(setup, monkeypatch):
     lines: list = []
     assert_same(evaluate(cfg, engine, prepare_data(cfg, engine.tokenizer), lines), first)
     assert any("computed, cached in" in line for line in lines)
+
+
+def test_without_a_hidden_size_in_the_config_the_first_batch_shows_it(setup, make_config, monkeypatch):
+    cfg, engine, data = setup
+    monkeypatch.delitem(engine.models.model_config, "hidden_size")
+    lines: list = []
+    bounded = make_config(**{"training.eval_reference_cache_gb": 1e-9,
+                             "training.reference_cache_dir": cfg.training.reference_cache_dir})
+    evaluate(bounded, engine, data, lines)
+    assert any("over training.eval_reference_cache_gb" in line for line in lines)
+    assert all(p.ref_hidden is None for p in data.val.pairs)
+    evaluate(cfg, engine, data)  # within the bound: attached
+    assert all(p.ref_hidden is not None for p in data.val.pairs)
