@@ -84,7 +84,7 @@ def test_over_the_memory_bound_evaluation_runs_the_reference(setup, make_config)
     assert all(p.ref_hidden is None for p in data.val.pairs)
 
 
-def test_a_damaged_cache_file_is_recomputed(setup, monkeypatch):
+def test_a_damaged_cache_file_is_recomputed(setup):
     cfg, engine, data = setup
     first = evaluate(cfg, engine, data)
     (path,) = Path(cfg.training.reference_cache_dir).glob("*.eval-hidden.safetensors")

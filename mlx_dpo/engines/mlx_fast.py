@@ -122,9 +122,9 @@ class FastPath:
         weights = self._head_weights()
         if all(w is not None for w in weights):
             hidden = completion_hidden(models.policy, plan.shared, arrays)
-            if ref_hidden is None:
-                ref_hidden = self.reference_hidden(plan)
-            return head_eval(hidden, weights[0], ref_hidden.astype(hidden.dtype), weights[1], targets)
+            # cached hidden states come back as float32: in the model's dtype they are the same values
+            ref_hidden = self.reference_hidden(plan) if ref_hidden is None else ref_hidden.astype(hidden.dtype)
+            return head_eval(hidden, weights[0], ref_hidden, weights[1], targets)
         logits = completion_logits(models.policy, plan.shared, arrays)
         ref_logits = self._reference(completion_logits, plan.shared, arrays)
         return token_logps(logits, targets), token_logps(ref_logits, targets), position_kl(logits, ref_logits)
