@@ -127,23 +127,34 @@ inline void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_
 }
 #endif
 
-// Scores of `rows` rows of a (lda) against key columns [c0, c1) of bt (depth x ldb, ldb a multiple
-// of kTileCols past c1), into out's rows (ldo) at the same columns.
-void score_rows(const float* a, int64_t lda, int rows, const float* bt, int64_t ldb, int depth, int c0, int c1,
-                float* out, int64_t ldo) {
+// Keys transposed into panels of kTileCols columns: panel p holds K^T's columns [p kTileCols,
+// (p + 1) kTileCols) as `depth` rows of kTileCols contiguous floats, so that a score tile reads one
+// contiguous block (8 KB at head size 64) instead of `depth` rows a page apart, which the hardware
+// prefetcher does not follow and which each take a TLB entry.
+inline const float* panel(const float* panels, int depth, int column) {
+  return panels + static_cast<int64_t>(column / kTileCols) * depth * kTileCols;
+}
+
+// Scores of `rows` rows of a (lda) against key columns [c0, c1) of the panels, into out's rows (ldo)
+// at the same columns. Tiles start at panel boundaries, so columns from c0's panel start on are
+// written too: with the scores those columns have, whichever tile writes them.
+void score_rows(const float* a, int64_t lda, int rows, const float* panels, int depth, int c0, int c1, float* out,
+                int64_t ldo) {
+  const int start = c0 / kTileCols * kTileCols;
   for (int r0 = 0; r0 < rows; r0 += kTileRows) {
     int n = std::min(kTileRows, rows - r0);
-    for (int c = c0; c < c1; c += kTileCols) {
+    for (int c = start; c < c1; c += kTileCols) {
       int width = std::min(kTileCols, c1 - c);
+      const float* bt = panel(panels, depth, c);
       if (n == kTileRows) {
 #if defined(__AVX512F__)
-        score_tile_avx512<kTileRows>(a + r0 * lda, lda, bt + c, ldb, depth, out + r0 * ldo + c, ldo, width);
+        score_tile_avx512<kTileRows>(a + r0 * lda, lda, bt, kTileCols, depth, out + r0 * ldo + c, ldo, width);
 #else
-        score_tile<kTileRows>(a + r0 * lda, lda, bt + c, ldb, depth, out + r0 * ldo + c, ldo, width);
+        score_tile<kTileRows>(a + r0 * lda, lda, bt, kTileCols, depth, out + r0 * ldo + c, ldo, width);
 #endif
       } else {
         for (int r = r0; r < r0 + n; ++r) {
-          score_tile<1>(a + r * lda, lda, bt + c, ldb, depth, out + r * ldo + c, ldo, width);
+          score_tile<1>(a + r * lda, lda, bt, kTileCols, depth, out + r * ldo + c, ldo, width);
         }
       }
     }
@@ -310,21 +321,28 @@ float exp_row(float* row, const Spans& spans, Range first, Range second, float& 
   return sum;
 }
 
-// k (S x D) -> kt (D x ldt), zero past S.
-void transpose_keys(const float* k, int keys, int depth, float* kt, int64_t ldt) {
-  for (int d = 0; d < depth; ++d) {  // strided reads, contiguous writes: a store stream the CPU keeps up with
-    float* row = kt + d * ldt;
-    for (int j = 0; j < keys; ++j) {
-      row[j] = k[static_cast<int64_t>(j) * depth + d];
+// k (S x D) -> its transpose in panels (see `panel`), zero past S.
+void transpose_keys(const float* k, int keys, int depth, float* panels) {
+  for (int p = 0; p * kTileCols < keys; ++p) {
+    float* out = panels + static_cast<int64_t>(p) * depth * kTileCols;
+    const int columns = std::min(kTileCols, keys - p * kTileCols);
+    for (int d = 0; d < depth; ++d) {
+      float* row = out + d * kTileCols;
+      for (int c = 0; c < columns; ++c) {
+        row[c] = k[static_cast<int64_t>(p * kTileCols + c) * depth + d];
+      }
+      std::fill(row + columns, row + kTileCols, 0.0f);
     }
-    std::fill(row + keys, row + ldt, 0.0f);
   }
 }
 
-// The row stride of the transposed keys and of the score blocks: room for a whole tile from any
-// key column (tiles start where a span starts), plus 16 floats so that consecutive rows never sit
-// a multiple of 4 KiB apart, where the rows a tile walks would share one L1 cache set.
-int64_t row_stride(int keys) { return (keys + kTileCols - 1) / kTileCols * kTileCols + kTileCols + 16; }
+// Floats of a head's keys in panels.
+int64_t panels_size(int keys, int depth) { return static_cast<int64_t>((keys + kTileCols - 1) / kTileCols) * kTileCols * depth; }
+
+// The row stride of the score blocks: room for every panel's whole tile, plus 16 floats so that
+// consecutive rows never sit a multiple of 4 KiB apart, where the rows a tile walks would share
+// one L1 cache set.
+int64_t row_stride(int keys) { return (keys + kTileCols - 1) / kTileCols * kTileCols + 16; }
 
 struct Shapes {
   int batch, heads, kv_heads, queries, keys;
@@ -380,13 +398,13 @@ template <int D>
 void attention_forward(const Shapes& s, const Mask& m, const float* q, const float* k, const float* v, float* out,
                        float* top, float* total) {
   const int64_t ldt = row_stride(s.keys);
-  std::vector<float> kt(D * ldt), scores(kBlockRows * ldt);
+  std::vector<float> kt(panels_size(s.keys, D)), scores(kBlockRows * ldt);
   float inv[kBlockRows];
   for (int b = 0; b < s.batch; ++b) {
     for (int kv = 0; kv < s.kv_heads; ++kv) {
       const int64_t kv_row = static_cast<int64_t>(b) * s.kv_heads + kv;
       const float* vh = v + kv_row * s.keys * D;
-      transpose_keys(k + kv_row * s.keys * D, s.keys, D, kt.data(), ldt);
+      transpose_keys(k + kv_row * s.keys * D, s.keys, D, kt.data());
       for (int g = 0; g < s.group(); ++g) {
         const int64_t head = static_cast<int64_t>(b) * s.heads + kv * s.group() + g;
         for (int i0 = 0; i0 < s.queries; i0 += kBlockRows) {
@@ -394,7 +412,7 @@ void attention_forward(const Shapes& s, const Mask& m, const float* q, const flo
           Spans spans = block_spans(m, b, i0, rows);
           const float* q0 = q + (head * s.queries + i0) * D;
           for (int c = 0; c < spans.count; ++c) {
-            score_rows(q0, D, rows, kt.data(), ldt, D, spans.span[c].lo, spans.span[c].hi + 1, scores.data(), ldt);
+            score_rows(q0, D, rows, kt.data(), D, spans.span[c].lo, spans.span[c].hi + 1, scores.data(), ldt);
           }
           for (int r = 0; r < rows; ++r) {
             Range first, second;
@@ -426,10 +444,10 @@ void backward_tiles(const float* q, const float* d_out_scaled, int depth, int ro
   alignas(64) float s_tile[kTileRows * kTileCols], p_tile[kTileRows * kTileCols];
   for (int r0 = 0; r0 < rows; r0 += kTileRows) {
     const int n = std::min(kTileRows, rows - r0);
-    for (int c = c0; c < c1; c += kTileCols) {
+    for (int c = c0 / kTileCols * kTileCols; c < c1; c += kTileCols) {  // whole panels, as score_rows
       const int width = std::min(kTileCols, c1 - c);
-      score_rows(q + r0 * depth, depth, n, kt + c, ldt, depth, 0, kTileCols, s_tile, kTileCols);
-      score_rows(d_out_scaled + r0 * depth, depth, n, vt + c, ldt, depth, 0, kTileCols, p_tile, kTileCols);
+      score_rows(q + r0 * depth, depth, n, panel(kt, depth, c), depth, 0, kTileCols, s_tile, kTileCols);
+      score_rows(d_out_scaled + r0 * depth, depth, n, panel(vt, depth, c), depth, 0, kTileCols, p_tile, kTileCols);
       for (int i = 0; i < n; ++i) {
         const int row = r0 + i;
         const float t = r.top[row], rd = r.row_dot[row];
@@ -468,7 +486,8 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
                         float* d_k, float* d_v) {
   const int64_t ldt = row_stride(s.keys);
   const int group = s.group(), stacked = group * kBlockRows;
-  std::vector<float> kt(D * ldt), vt(D * ldt), weights(stacked * ldt), d_scores(stacked * ldt);
+  std::vector<float> kt(panels_size(s.keys, D)), vt(panels_size(s.keys, D)), weights(stacked * ldt),
+      d_scores(stacked * ldt);
   std::vector<float> q_rows(stacked * D), d_out_scaled(stacked * D), row_top(stacked), row_dot(stacked);
   std::vector<Range> first(stacked), second(stacked);
   std::fill(d_k, d_k + static_cast<int64_t>(s.batch) * s.kv_heads * s.keys * D, 0.0f);
@@ -478,8 +497,8 @@ void attention_backward(const Shapes& s, const Mask& m, const float* q, const fl
     for (int kv = 0; kv < s.kv_heads; ++kv) {
       const int64_t kv_row = static_cast<int64_t>(b) * s.kv_heads + kv;
       const float* kh = k + kv_row * s.keys * D;
-      transpose_keys(kh, s.keys, D, kt.data(), ldt);
-      transpose_keys(v + kv_row * s.keys * D, s.keys, D, vt.data(), ldt);
+      transpose_keys(kh, s.keys, D, kt.data());
+      transpose_keys(v + kv_row * s.keys * D, s.keys, D, vt.data());
       float* dkh = d_k + kv_row * s.keys * D;
       float* dvh = d_v + kv_row * s.keys * D;
       for (int k0 = 0; k0 < s.keys; k0 += kKeyChunk) {
