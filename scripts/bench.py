@@ -11,7 +11,9 @@ alike); per row: median and min step time over all timed steps, pairs/s and toke
 the median, peak memory. mlx-dpo's model FLOP utilisation is taken against the fp32 matmul
 peak that MLX reaches in the same run, measured right before and after each of the row's runs.
 `--scale` times mlx-dpo LoRA steps against sequence
-length and batch size; `--ablation` switches mlx-dpo's techniques off one at a time.
+length and batch size, each shape in its own process, and then runs scripts/bench_scale_paired.py,
+whose ratios of neighbouring steps in one process decide the scale goal; `--ablation` switches
+mlx-dpo's techniques off one at a time.
 
     pip install torch==2.13.0 && pip install -e '.[bench]'      # torch's CPU build first
     python scripts/bench.py --write-docs                        # table + PNG into docs/
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("time people way year day thing man world life hand part child eye woman place work week case point "
@@ -49,6 +52,9 @@ def parse_args():
     p.add_argument("--scale-only", action="store_true",
                    help="time only the scale rows (--rounds interleaved rounds) and put them into the last "
                         "run's results.json (and docs, with --write-docs) in place of its own")
+    p.add_argument("--paired-cycles", type=int, default=8,
+                   help="with --scale or --scale-only, also run scripts/bench_scale_paired.py for this many cycles "
+                        "(its ratios decide the scale goal); 0 skips it")
     p.add_argument("--ablation", action="store_true", help="also time mlx-dpo LoRA with each technique off")
     p.add_argument("--write-docs", action="store_true", help="write the results section of docs/benchmarks.md + PNG")
     return p.parse_args()
@@ -195,6 +201,7 @@ def main() -> None:
     if args.scale_only:
         results = json.loads((work / "results.json").read_text())
         results["scale"] = bench_scale(args, work, model, config)
+        results["scale_paired"] = bench_scale_paired(args, work, model)
         results["scale_run"] = {"started": started, "rounds": args.rounds, "steps": args.steps,
                                 "matmul_peak_gflops": matmul_peak_gflops()}
         return finish(results, args, work)
@@ -212,6 +219,7 @@ def main() -> None:
                                                                    for p in row.get("matmul_peaks_adjacent", [])])
     if args.scale:
         results["scale"] = bench_scale(args, work, model, config)
+        results["scale_paired"] = bench_scale_paired(args, work, model)
     finish(results, args, work)
 
 
@@ -301,6 +309,21 @@ def bench_scale(args, work: Path, model: Path, config: dict) -> list[dict]:
             add_flops(row, config, step_shapes(shape_runs), "lora")
         out.append(row)
     return out
+
+
+def bench_scale_paired(args, work: Path, model: Path) -> Optional[dict]:
+    """scripts/bench_scale_paired.py's results (None with --paired-cycles 0 or when it fails)."""
+    if not args.paired_cycles:
+        return None
+    print(f"paired scale steps: {args.paired_cycles} cycles", flush=True)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_scale_paired.py"), "--work", str(work), "--model", str(model),
+           "--cycles", str(args.paired_cycles)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  paired scale steps: FAILED (exit {proc.returncode})\n{(proc.stderr or proc.stdout)[-1500:]}",
+              file=sys.stderr)
+        return None
+    return json.loads((work / "scale-paired.json").read_text())
 
 
 if __name__ == "__main__":

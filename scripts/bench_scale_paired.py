@@ -52,6 +52,7 @@ def main() -> None:
     from mlx_dpo.engines.mlx_engine import MLXEngine
 
     args = parse_args()
+    started = time.strftime("%Y-%m-%d %H:%M")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else default_model(work)
@@ -109,8 +110,8 @@ def main() -> None:
             before = after
         print(f"cycle {cycle + 1}/{args.cycles}: " + ", ".join(f"{seq}: {ratios[seq][-1]:.3f}x" for seq in longer),
               flush=True)
-    result = {"started": time.strftime("%Y-%m-%d %H:%M"), "batch": args.batch, "cycles": args.cycles, "base": base,
-              "lengths": {}}
+    result = {"started": started, "command": f"scripts/bench_scale_paired.py --cycles {args.cycles}",
+              "batch": args.batch, "cycles": args.cycles, "base": base, "lengths": {}}
     for seq in lengths:
         row = {"median_s_per_ktoken": statistics.median(settled[seq]), "steps": len(settled[seq]),
                "median_gflops_per_s": statistics.median(rates[seq]),

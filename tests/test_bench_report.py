@@ -79,3 +79,34 @@ def test_ablation_and_scale_each_come_from_the_run_that_has_them():
     both = "\n".join(report.extra_sections(_run("2026-12-02 17:09", latest["rows"]), earlier))
     assert "Scale and ablation come from a separate run" in both
     assert report.extra_sections(_run("x", latest["rows"]), None) == []
+
+
+def _scale_rows(**s_per_ktoken):
+    return [{"seq": int(seq[1:]), "batch": 2, "median_s": 1.0, "tokens_per_s": 1000 / v, "s_per_ktoken": v,
+             "gflops_per_s": 100.0, "peak_mlx_gb": 1.0} for seq, v in s_per_ktoken.items()]
+
+
+def _paired(**medians):
+    return {"started": "2026-12-03 07:27", "command": "scripts/bench_scale_paired.py --cycles 8", "base": 256,
+            "lengths": {"256": {"median_s_per_ktoken": 4.0},
+                        **{seq[1:]: {"median_ratio": m, "min_ratio": m - 0.1, "max_ratio": m + 0.1, "ratios": [m] * 8}
+                           for seq, m in medians.items()}}}
+
+
+def test_scale_goal_follows_the_paired_ratios_when_a_run_has_them():
+    """Rows from separate processes that read within 5% do not make the goal met when the paired
+    ratios of neighbouring steps say otherwise, and the other way round; without paired ratios the
+    rows decide, as before."""
+    report = load_report()
+    rows = _scale_rows(s256=4.0, s512=3.6, s1024=3.7)  # 0.90x and 0.93x in separate processes
+    over = "\n".join(report.scale_goal(rows, _paired(s512=0.93, s1024=1.08)))
+    assert "1024: 1.08x (its 8 steps 0.98x-1.18x) — **not met**" in over
+    assert "each length in its own process minutes apart: 512: 0.90x, 1024: 0.93x" in over
+    assert "**met**" not in over.replace("**not met**", "")
+    within = "\n".join(report.scale_goal(_scale_rows(s256=4.0, s512=4.4, s1024=4.6), _paired(s512=0.98, s1024=1.04)))
+    assert "1024: 1.04x" in within and "— **met**" in within
+    assert "— **met**" in "\n".join(report.scale_goal(rows))  # no paired ratios: the rows' 0.93x decides
+    text = report.section({**_run("2026-12-03 06:48", [_bench_row("mlx-dpo-lora", 3.0)], rows),
+                           "args": {"rounds": 3, "steps": 3, "warmup": 1, "batch": 2, "seq": 256, "scale": True},
+                           "cpus": 2, "matmul_peak_gflops": 260.0, "scale_paired": _paired(s512=0.93, s1024=1.08)})
+    assert "`scripts/bench_scale_paired.py --cycles 8`, 2026-12-03 07:27" in text and "1.08x" in text
