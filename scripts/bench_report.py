@@ -194,17 +194,44 @@ def plot(results: dict, path: Path) -> None:
                  f"~{results['args']['seq']} tokens, fp32, {results['cpus']} CPUs", fontsize=9)
     if results["scale"]:
         ok = [r for r in results["scale"] if "error" not in r and r["batch"] == 2]
-        tokens = [r["tokens_per_s"] * r["median_s"] for r in ok]
-        axes[1].plot(tokens, [r["median_s"] for r in ok], "o-", color="tab:green", label="measured (batch 2)")
-        if ok:
-            k = ok[0]["median_s"] / tokens[0]
-            axes[1].plot(tokens, [k * t for t in tokens], "--", color="tab:gray", label="linear from the first point")
-        axes[1].set_xlabel("tokens per step (seq 256, 512, 1024)")
-        axes[1].set_ylabel("s / step")
-        axes[1].legend()
-        axes[1].set_title("mlx-dpo LoRA: step time against sequence length", fontsize=9)
+        paired = {int(seq): row for seq, row in (results.get("scale_paired") or {}).get("lengths", {}).items()
+                  if "median_ratio" in row}
+        if paired and ok and ok[0]["seq"] == 256:
+            _plot_paired(axes[1], paired, ok)
+        else:
+            tokens = [r["tokens_per_s"] * r["median_s"] for r in ok]
+            axes[1].plot(tokens, [r["median_s"] for r in ok], "o-", color="tab:green", label="measured (batch 2)")
+            if ok:
+                k = ok[0]["median_s"] / tokens[0]
+                axes[1].plot(tokens, [k * t for t in tokens], "--", color="tab:gray", label="linear from the first point")
+            axes[1].set_xlabel("tokens per step (seq 256, 512, 1024)")
+            axes[1].set_ylabel("s / step")
+            axes[1].legend()
+            axes[1].set_title("mlx-dpo LoRA: step time against sequence length", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _plot_paired(ax, paired: dict, rows: list[dict]) -> None:
+    """Seconds per token against seq 256's: the paired ratios (median, bars to min and max), the
+    per-process scale rows, and the goal's 1.05 line."""
+    seqs = [256, *sorted(paired)]
+    medians = [1.0] + [paired[s]["median_ratio"] for s in seqs[1:]]
+    low = [0.0] + [paired[s]["median_ratio"] - paired[s]["min_ratio"] for s in seqs[1:]]
+    high = [0.0] + [paired[s]["max_ratio"] - paired[s]["median_ratio"] for s in seqs[1:]]
+    ax.errorbar(seqs, medians, yerr=[low, high], fmt="o-", color="tab:green", capsize=4,
+                label="neighbouring steps, one process (median, range)")
+    base = rows[0]["s_per_ktoken"]
+    ax.plot([r["seq"] for r in rows], [r["s_per_ktoken"] / base for r in rows], "s", mfc="none", color="tab:gray",
+            label="each length in its own process")
+    ax.axhline(1.05, ls="--", color="tab:red", lw=1, label="goal: at most 1.05")
+    ax.axhline(1.0, ls=":", color="tab:gray", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(seqs, [str(s) for s in seqs])
+    ax.set_xlabel("tokens per sequence")
+    ax.set_ylabel("seconds per token / seq 256's")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("mlx-dpo LoRA, batch 2: cost per token against seq 256", fontsize=9)
 
 
 def section(results: dict, earlier=None, rendered_by: str = "") -> str:
@@ -364,7 +391,8 @@ cache bought and cost)."""
 
 
 def write_docs(results: dict, docs: Path, earlier=None, rendered_by: str = "") -> None:
-    plot(results if results["scale"] or not earlier else {**results, "scale": earlier["scale"]},
+    plot(results if results["scale"] or not earlier
+         else {**results, "scale": earlier["scale"], "scale_paired": earlier.get("scale_paired")},
          docs / "bench_dpo_step.png")
     path = docs / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
