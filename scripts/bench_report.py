@@ -58,7 +58,7 @@ def scale_goal(scale: list[dict], paired: Optional[dict] = None) -> list[str]:
     each = ", ".join(f"{seq}: {r:.2f}x" for seq, r in ratios.items())
     mid = f"; from 512 to 1024 alone: {by[1024]['s_per_ktoken'] / by[512]['s_per_ktoken']:.2f}x" if 512 in by else ""
     goal = "- step cost no worse than linear in tokens up to 1024 (seconds per 1k tokens within 5% of seq 256's at every length)"
-    longer = {int(seq): row for seq, row in (paired or {}).get("lengths", {}).items() if "median_ratio" in row}
+    longer = _paired_ratios(paired)
     if paired and paired.get("base") == 256 and 1024 in longer:
         ok = verdict(max(row["median_ratio"] for row in longer.values()) <= 1.05)
         each_paired = ", ".join(f"{seq}: {row['median_ratio']:.2f}x (its {len(row['ratios'])} steps "
@@ -76,6 +76,11 @@ def scale_goal(scale: list[dict], paired: Optional[dict] = None) -> list[str]:
                      f"larger at 1024 than at 256: linear cost needs the matmul rate to rise as much; in the scale "
                      f"rows it is {by[1024]['gflops_per_s']:.0f} against {by[256]['gflops_per_s']:.0f} GFLOP/s, {rate:.2f}x)")
     return lines
+
+
+def _paired_ratios(paired: Optional[dict]) -> dict[int, dict]:
+    """bench_scale_paired.py's longer lengths, each with its ratios to the base length."""
+    return {int(seq): row for seq, row in (paired or {}).get("lengths", {}).items() if "median_ratio" in row}
 
 
 def one_epoch_lines(results: dict) -> list[str]:
@@ -194,8 +199,7 @@ def plot(results: dict, path: Path) -> None:
                  f"~{results['args']['seq']} tokens, fp32, {results['cpus']} CPUs", fontsize=9)
     if results["scale"]:
         ok = [r for r in results["scale"] if "error" not in r and r["batch"] == 2]
-        paired = {int(seq): row for seq, row in (results.get("scale_paired") or {}).get("lengths", {}).items()
-                  if "median_ratio" in row}
+        paired = _paired_ratios(results.get("scale_paired"))
         if paired and ok and ok[0]["seq"] == 256:
             _plot_paired(axes[1], paired, ok)
         else:
@@ -391,9 +395,8 @@ cache bought and cost)."""
 
 
 def write_docs(results: dict, docs: Path, earlier=None, rendered_by: str = "") -> None:
-    plot(results if results["scale"] or not earlier
-         else {**results, "scale": earlier["scale"], "scale_paired": earlier.get("scale_paired")},
-         docs / "bench_dpo_step.png")
+    scale, paired = _scale_source(results, earlier)
+    plot({**results, "scale": scale, "scale_paired": paired}, docs / "bench_dpo_step.png")
     path = docs / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     new = section(results, earlier, rendered_by)

@@ -46,14 +46,35 @@ def _mlx_dpo_config(spec: dict, opts: dict) -> dict:
            "logging": {"output_dir": spec["cache_dir"]}}
 
 
+def mlx_dpo_batches(engine, cfg, pairs_per_step: int) -> tuple[list, list, float]:
+    """(groups of pairs, their collated batches, seconds of the reference pass) of cfg's training
+    file, `pairs_per_step` per batch; the reference log-probs computed once and attached first when
+    cfg precomputes them (else 0 seconds)."""
+    from mlx_dpo import refcache
+    from mlx_dpo.data.batching import collate
+    from mlx_dpo.data.pipeline import prepare_data
+
+    pairs = prepare_data(cfg, engine.tokenizer).train.pairs
+    precompute_s = 0.0
+    if cfg.training.precompute_reference:
+        start = time.perf_counter()
+        refcache.attach(pairs, refcache.compute(engine, pairs, pairs_per_step))
+        precompute_s = time.perf_counter() - start
+    pad = engine.tokenizer.eos_token_id or 0
+    groups = [pairs[i:i + pairs_per_step] for i in range(0, len(pairs), pairs_per_step)]
+    return groups, [collate(group, pad) for group in groups], precompute_s
+
+
+def token_counts(group: list) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) tokens of each pair: what bench.step_flops counts from."""
+    return [(len(p.prompt), len(p.chosen), len(p.rejected)) for p in group]
+
+
 def run_mlx_dpo(spec: dict) -> dict:
     import mlx_dpo  # noqa: F401  (OpenBLAS before mlx)
     import mlx.core as mx
 
-    from mlx_dpo import refcache
     from mlx_dpo.config import config_from_dict
-    from mlx_dpo.data.batching import collate
-    from mlx_dpo.data.pipeline import prepare_data
     from mlx_dpo.engines.mlx_engine import MLXEngine
 
     opts = spec.get("mlx_dpo", {})
@@ -61,15 +82,7 @@ def run_mlx_dpo(spec: dict) -> dict:
     engine = MLXEngine(cfg)
     if opts.get("plain"):
         engine.fast.enabled = False  # the full-logits path, as before the hot-path work
-    pairs = prepare_data(cfg, engine.tokenizer).train.pairs
-    precompute_s = 0.0
-    if cfg.training.precompute_reference:
-        start = time.perf_counter()
-        refcache.attach(pairs, refcache.compute(engine, pairs, spec["batch"]))
-        precompute_s = time.perf_counter() - start
-    pad = engine.tokenizer.eos_token_id or 0
-    groups = [pairs[i:i + spec["batch"]] for i in range(0, len(pairs), spec["batch"])]
-    batches = [collate(group, pad) for group in groups]
+    groups, batches, precompute_s = mlx_dpo_batches(engine, cfg, spec["batch"])
     mx.reset_peak_memory()
     times, tokens, pair_tokens = [], [], []
     for step in range(spec["warmup"] + spec["steps"]):
@@ -80,11 +93,10 @@ def run_mlx_dpo(spec: dict) -> dict:
         if step >= spec["warmup"]:
             times.append(time.perf_counter() - start)
             tokens.append(batch.num_tokens)
-            pair_tokens.append([(len(p.prompt), len(p.chosen), len(p.rejected))
-                                for p in groups[step % len(groups)]])
+            pair_tokens.append(token_counts(groups[step % len(groups)]))
     return {"step_s": times, "tokens": tokens, "pair_tokens": pair_tokens, "pairs": spec["batch"],
             "peak_mlx_gb": mx.get_peak_memory() / 2**30,
-            "precompute_s": precompute_s, "precompute_pairs": len(pairs) if precompute_s else 0,
+            "precompute_s": precompute_s, "precompute_pairs": sum(map(len, groups)) if precompute_s else 0,
             "notes": engine.notes[-1]}
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import base_spec, default_model, step_flops  # noqa: E402
-from bench_runners import _mlx_dpo_config  # noqa: E402
+from bench_runners import _mlx_dpo_config, mlx_dpo_batches, token_counts  # noqa: E402
 
 
 def parse_args():
@@ -45,10 +45,7 @@ def parse_args():
 
 def main() -> None:
     import mlx_dpo  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_dpo import refcache
     from mlx_dpo.config import config_from_dict
-    from mlx_dpo.data.batching import collate
-    from mlx_dpo.data.pipeline import prepare_data
     from mlx_dpo.engines.mlx_engine import MLXEngine
 
     args = parse_args()
@@ -63,15 +60,12 @@ def main() -> None:
     # one engine for every length; the longest length's limits truncate none of the shorter pairs
     limits = {"max_prompt": max(lengths), "max_completion": max(lengths)}
     engine = MLXEngine(config_from_dict(_mlx_dpo_config({**specs[max(lengths)], **limits}, {}), source="bench"))
-    pad = engine.tokenizer.eos_token_id or 0
     batches = {}
     for seq in lengths:
         cfg = config_from_dict(_mlx_dpo_config({**specs[seq], **limits}, {}), source="bench")
-        pairs = prepare_data(cfg, engine.tokenizer).train.pairs
-        refcache.attach(pairs, refcache.compute(engine, pairs, args.batch))
-        groups = [pairs[i:i + args.batch] for i in range(0, len(pairs), args.batch)]
-        batches[seq] = [(collate(group, pad), step_flops(config, [(len(p.prompt), len(p.chosen), len(p.rejected))
-                                                                  for p in group], "lora")) for group in groups]
+        groups, collated, _ = mlx_dpo_batches(engine, cfg, args.batch)
+        batches[seq] = [(batch, step_flops(config, token_counts(group), "lora"))
+                        for group, batch in zip(groups, collated)]
     taken = {seq: 0 for seq in lengths}
 
     def step(seq: int) -> tuple[float, float]:
