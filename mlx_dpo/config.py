@@ -185,6 +185,13 @@ class ComputeConfig:
                                            "step, for ~9% more time at 256 tokens and more at longer ones. Only "
                                            "where the C++ attention does not apply (it always recomputes). "
                                            "No effect on Metal.")
+    frozen_panels: bool = opt(False, "MLX on the CPU, with fast_cpu_math and LoRA, where mlx-dpo's C++ kernels are "
+                                     "built and OpenBLAS's own micro-kernel is found: pack each frozen weight once "
+                                     "for it, in the forward's and the input gradient's layouts, instead of in every "
+                                     "product (mlx_dpo/csrc/frozen_gemm.cpp). Costs twice the frozen linear "
+                                     "weights' memory (0.79 GB more MLX peak on the bench's SmolLM2-135M step) "
+                                     "for 4-7% less step time at 256 tokens and ~2% (within noise) at 1024 "
+                                     "(docs/benchmarks.md). No effect on Metal.")
 
 
 @dataclass

@@ -36,7 +36,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
-from . import cpu_kernels, cpu_layers
+from . import cpu_kernels, cpu_layers, hardware, native
 from .recompute import after, ordered
 
 
@@ -51,13 +51,40 @@ def _lora_kernels(lora_a: mx.array):
     return cpu_layers.kernels_for(lora_a)
 
 
+class FrozenPanels:
+    """A LoRA layer's frozen weight packed once for OpenBLAS's micro-kernel, in the forward's and
+    the input gradient's layouts (csrc/frozen_gemm.cpp), so that no product packs it again.
+
+    Holds the weight as well: the panels are used only with the buffer they were made from (checked
+    in C++ at each product), and holding it keeps that address from being reused by another array.
+    A weight replaced later (`model.update`) gets plain OpenBLAS products, correct and slower."""
+
+    def __init__(self, weight: mx.array, kernels):
+        self.weight = weight
+        self.forward = kernels.pack_frozen(weight, True)
+        self.backward = kernels.pack_frozen(weight, False)
+        mx.eval(self.forward, self.backward)
+
+    @property
+    def nbytes(self) -> int:
+        return self.forward.nbytes + self.backward.nbytes
+
+
+def _frozen_addmm(kernels, c, x, weight, panels, forward: bool):
+    """c + x @ weight.T (forward) or c + x @ weight, on the panels where the layer has them."""
+    if panels is not None:
+        return kernels.frozen_addmm(c, x, weight, panels[0 if forward else 1], forward)
+    return mx.addmm(c, x, weight.T if forward else weight)
+
+
 @mx.custom_function
-def _lora_linear(x, weight, lora_a, lora_b, scale):
+def _lora_linear(x, weight, lora_a, lora_b, scale, panels=None):
     """x (tokens, in) @ weight.T + scale * (x @ lora_a) @ lora_b (scale: a (1,) array, as a custom
-    function's inputs are arrays; it is not trained)."""
+    function's inputs are arrays; it is not trained). panels: (forward, backward) of the layer's
+    FrozenPanels, or None."""
     kernels = _lora_kernels(lora_a)
     if kernels is not None:  # the rank-r branch first, as the frozen product's C (beta = 1)
-        return mx.addmm(kernels.lora_low(x, lora_a, lora_b, scale), x, weight.T)
+        return _frozen_addmm(kernels, kernels.lora_low(x, lora_a, lora_b, scale), x, weight, panels, True)
     return mx.addmm(x @ weight.T, (x @ lora_a) * scale, lora_b)
 
 
@@ -66,23 +93,25 @@ def _lora_linear_vjp(primals, cotangent, output):
     return _lora_linear_grads(*primals, cotangent)
 
 
-def _lora_linear_grads(x, weight, lora_a, lora_b, scale, cotangent):
-    # Lazy: nothing evaluates the frozen weight's gradient unless someone asks for it.
+def _lora_linear_grads(x, weight, lora_a, lora_b, scale, panels, cotangent):
+    # Lazy: nothing evaluates the frozen weight's gradient (or the panels') unless someone asks for it.
     d_weight = cotangent.T @ x
+    d_panels = None if panels is None else tuple(mx.zeros_like(p) for p in panels)
     kernels = _lora_kernels(lora_a)
     if kernels is not None:  # one pass over the rows for every rank-r product
         d_x_low, d_lora_a, d_lora_b = kernels.lora_grad(cotangent, x, lora_a, lora_b, scale)
-        return mx.addmm(d_x_low, cotangent, weight), d_weight, d_lora_a, d_lora_b, mx.zeros_like(scale)
+        d_x = _frozen_addmm(kernels, d_x_low, cotangent, weight, panels, False)
+        return d_x, d_weight, d_lora_a, d_lora_b, mx.zeros_like(scale), d_panels
     d_low = (cotangent @ lora_b.T) * scale  # (tokens, r)
     d_x = mx.addmm(cotangent @ weight, d_low, lora_a.T)
     d_lora_b = ((x @ lora_a) * scale).T @ cotangent
-    return d_x, d_weight, x.T @ d_low, d_lora_b, mx.zeros_like(scale)
+    return d_x, d_weight, x.T @ d_low, d_lora_b, mx.zeros_like(scale), d_panels
 
 
 @mx.custom_function
-def _swiglu_lora_down(gate, up, weight, lora_a, lora_b, scale):
+def _swiglu_lora_down(gate, up, weight, lora_a, lora_b, scale, panels=None):
     """A LoRA down projection of silu(gate) * up (gate, up: (tokens, intermediate))."""
-    return _lora_linear(cpu_kernels.swiglu(gate, up), weight, lora_a, lora_b, scale)
+    return _lora_linear(cpu_kernels.swiglu(gate, up), weight, lora_a, lora_b, scale, panels)
 
 
 @_swiglu_lora_down.vjp
@@ -90,13 +119,13 @@ def _swiglu_lora_down_vjp(primals, cotangent, output):
     # The SwiGLU product is recomputed here rather than kept from the forward: the down
     # projection's LoRA gradient needs it, and keeping it for every layer was 18% of a LoRA
     # step's activations. SwiGLU's own backward needs gate and up, which are kept anyway.
-    gate, up, weight, lora_a, lora_b, scale = primals
+    gate, up, weight, lora_a, lora_b, scale, panels = primals
     gate, up = after([gate, up], cotangent)
     hidden = cpu_kernels.swiglu_value(gate, up)
-    d_hidden, d_weight, d_lora_a, d_lora_b, d_scale = _lora_linear_grads(hidden, weight, lora_a, lora_b, scale,
-                                                                        cotangent)
+    d_hidden, d_weight, d_lora_a, d_lora_b, d_scale, d_panels = _lora_linear_grads(
+        hidden, weight, lora_a, lora_b, scale, panels, cotangent)
     d_gate, d_up = ordered(list(cpu_kernels.swiglu_grads(gate, up, d_hidden)), [d_lora_a, d_lora_b])
-    return d_gate, d_up, d_weight, d_lora_a, d_lora_b, d_scale
+    return d_gate, d_up, d_weight, d_lora_a, d_lora_b, d_scale, d_panels
 
 
 class AddmmLoRALinear(LoRALinear):
@@ -106,10 +135,14 @@ class AddmmLoRALinear(LoRALinear):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         y = _lora_linear(flat, self.linear.weight, self.lora_a, self.lora_b,
-                         mx.array([self.scale], dtype=x.dtype))
+                         mx.array([self.scale], dtype=x.dtype), self._panel_pair())
         if "bias" in self.linear:
             y = y + self.linear.bias
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _panel_pair(self):
+        panels = getattr(self, "frozen_panels", None)
+        return None if panels is None else (panels.forward, panels.backward)
 
     def _fusable(self, x) -> bool:
         return (cpu_kernels.active() and type(self.linear) is nn.Linear
@@ -134,6 +167,45 @@ def use_addmm(model: nn.Module) -> int:
     return len(layers)
 
 
+def pack_frozen_weights(model: nn.Module) -> int:
+    """Give each fused LoRA layer of `model` over a float32 nn.Linear its FrozenPanels, where
+    native.py's kernels are built and found OpenBLAS's micro-kernel (else nothing); returns the
+    panels' bytes (twice the packed weights': one layout per product)."""
+    total = 0
+    for _, layer in model.named_modules():
+        if not (isinstance(layer, AddmmLoRALinear) and type(layer.linear) is nn.Linear
+                and layer.linear.weight.dtype == mx.float32):
+            continue
+        kernels = native.kernels()
+        if (kernels is None or not kernels.frozen_kernels() or layer.lora_a.shape[-1] not in NATIVE_RANKS
+                or os.environ.get("MLX_DPO_NATIVE_LORA", "1") == "0" or not _panels_agree(kernels)):
+            return total
+        layer.frozen_panels = FrozenPanels(layer.linear.weight, kernels)
+        total += layer.frozen_panels.nbytes
+    return total
+
+
+def _panels_agree(kernels) -> bool:
+    """Whether products on panels equal MLX's on this OpenBLAS (its kernels are looked up by name,
+    and a core whose copy routines and micro-kernel disagree with the driver they were written for
+    must not be used): checked once, on odd sizes, with one OpenBLAS thread as in the CPU streams."""
+    if "panels_agree" not in _checked:
+        keys = mx.random.split(mx.random.key(0), 4)
+        w = mx.random.normal((41, 37), key=keys[0])
+        x, dy = mx.random.normal((9, 37), key=keys[1]), mx.random.normal((9, 41), key=keys[2])
+        c = mx.random.normal((9, 41), key=keys[3])
+        with hardware.openblas_threads(1):
+            forward = kernels.frozen_addmm(c, x, w, kernels.pack_frozen(w, True), True)
+            backward = kernels.frozen_addmm(x, dy, w, kernels.pack_frozen(w, False), False)
+            mx.eval(forward, backward)
+        _checked["panels_agree"] = (mx.allclose(forward, mx.addmm(c, x, w.T), rtol=1e-4, atol=1e-4).item()
+                                    and mx.allclose(backward, mx.addmm(x, dy, w), rtol=1e-4, atol=1e-4).item())
+    return _checked["panels_agree"]
+
+
+_checked: dict = {}
+
+
 def _lora_swiglu_projections(mlp: nn.Module):
     """The module's gate, up and down projections if all three are LoRA layers over a plain
     linear without a bias and its module calls mlx-lm's `swiglu`; else None. Per instance:
@@ -152,7 +224,7 @@ def _down_of_swiglu(gate: mx.array, up: mx.array, down: AddmmLoRALinear) -> mx.a
     """down(swiglu(gate, up)) through `_swiglu_lora_down`, for gate and up (..., intermediate)."""
     width = gate.shape[-1]
     y = _swiglu_lora_down(gate.reshape(-1, width), up.reshape(-1, width), down.linear.weight, down.lora_a,
-                          down.lora_b, mx.array([down.scale], dtype=gate.dtype))
+                          down.lora_b, mx.array([down.scale], dtype=gate.dtype), down._panel_pair())
     return y.reshape(*gate.shape[:-1], y.shape[-1])
 
 

@@ -60,6 +60,10 @@ def load_models(cfg: Config, device_kind: str = "cpu") -> Models:
         _check_lora_keys(cfg, policy)
         linear_to_lora_layers(policy, num_layers, lora)
         cpu_lora.use_addmm(policy)
+        if device_kind == "cpu" and cfg.compute.frozen_panels and cfg.compute.fast_cpu_math:
+            size = cpu_lora.pack_frozen_weights(policy)
+            notes.append(f"frozen panels: {size / 2**30:.2f} GB" if size else
+                         "frozen panels: not available (mlx-dpo's C++ kernels or OpenBLAS's micro-kernel not found)")
         adapter_config["lora_parameters"] = lora
     if cfg.compute.gradient_checkpointing:
         for layer in policy.layers:

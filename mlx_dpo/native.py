@@ -7,7 +7,8 @@ much as their arithmetic. The files in `csrc/` are MLX primitives that do these 
 one fused loop: causal and shared-prompt attention forward and backward (causal_attention.cpp,
 cpu_attention.py calls it), the causal row softmax (attention_softmax.cpp: other head sizes and
 the LM head's chunks), RMSNorm, SwiGLU and RoPE (layer_kernels.cpp, through cpu_layers.py), LoRA's
-rank-r branch (lora_kernels.cpp, through cpu_lora.py) and AdamW's step (optimizer_kernels.cpp, engines/mlx_fast.py). Together they took the bench's LoRA
+rank-r branch (lora_kernels.cpp, through cpu_lora.py), its frozen products on weights packed once
+(frozen_gemm.cpp, with compute.frozen_panels) and AdamW's step (optimizer_kernels.cpp, engines/mlx_fast.py). Together they took the bench's LoRA
 step from 3.1-3.3 to 2.3-2.5 s (docs/benchmarks.md, session 11).
 
 Like MLX's own CPU `mx.compile`, which runs `g++` on generated source, this module compiles them
@@ -85,7 +86,10 @@ def _load() -> tuple[Optional[ModuleType], str]:
         _check(module)
     except Exception as exc:  # any failure leaves the MLX-op kernels in place
         return None, f"unavailable ({exc}); {FALLBACK}"
-    return module, f"built: attention, RMSNorm, SwiGLU, RoPE, the head's softmax, LoRA, AdamW ({path})"
+    core = module.frozen_kernels()
+    panels = (f"frozen panels on OpenBLAS's {core} micro-kernel" if core
+              else "no frozen panels (OpenBLAS's micro-kernel not found)")
+    return module, f"built: attention, RMSNorm, SwiGLU, RoPE, the head's softmax, LoRA, AdamW; {panels} ({path})"
 
 
 def build(quiet: bool = False) -> Path:

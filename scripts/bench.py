@@ -103,6 +103,7 @@ ROWS = {  # row name -> (runner, finetune, extra spec)
     "mlx-dpo-lora/glibc-trim": ("mlx-dpo", "lora", {"env": {"MLX_DPO_MALLOC": "system"}}),
     "mlx-dpo-lora/no-cpp": ("mlx-dpo", "lora", {"env": {"MLX_DPO_NATIVE": "0"}}),
     "mlx-dpo-lora/addmm-lora": ("mlx-dpo", "lora", {"env": {"MLX_DPO_NATIVE_LORA": "0"}}),
+    "mlx-dpo-lora/frozen-panels": ("mlx-dpo", "lora", {"mlx_dpo": {"frozen_panels": True}}),
     "mlx-dpo-lora/keep-swiglu": ("mlx-dpo", "lora", {"mlx_dpo": {"recompute_activations": False}}),
     "mlx-dpo-full/one-stream": ("mlx-dpo", "full", {"mlx_dpo": {"cpu_streams": 1}}),
     "mlx-dpo-full/no-cpp": ("mlx-dpo", "full", {"env": {"MLX_DPO_NATIVE": "0"}}),

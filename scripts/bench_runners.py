@@ -42,7 +42,8 @@ def _mlx_dpo_config(spec: dict, opts: dict) -> dict:
                        "fast_cpu_math": opts.get("fast_cpu_math", True),
                        "gradient_checkpointing": opts.get("gradient_checkpointing", False),
                        "recompute_activations": opts.get("recompute_activations", True),
-                       "recompute_attention": opts.get("recompute_attention", False)},
+                       "recompute_attention": opts.get("recompute_attention", False),
+                       "frozen_panels": opts.get("frozen_panels", False)},
            "logging": {"output_dir": spec["cache_dir"]}}
 
 

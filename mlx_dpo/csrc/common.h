@@ -206,5 +206,6 @@ void add_layer_kernels(nb::module_& m);
 void add_optimizer_kernels(nb::module_& m);
 void add_causal_attention(nb::module_& m);
 void add_lora_kernels(nb::module_& m);
+void add_frozen_gemm(nb::module_& m);
 
 }  // namespace mlx_dpo

@@ -7,5 +7,6 @@ NB_MODULE(_native, m) {
   mlx_dpo::add_causal_attention(m);
   mlx_dpo::add_layer_kernels(m);
   mlx_dpo::add_lora_kernels(m);
+  mlx_dpo::add_frozen_gemm(m);
   mlx_dpo::add_optimizer_kernels(m);
 }
