@@ -62,7 +62,8 @@ def load_models(cfg: Config, device_kind: str = "cpu") -> Models:
         cpu_lora.use_addmm(policy)
         if device_kind == "cpu" and cfg.compute.frozen_panels and cfg.compute.fast_cpu_math:
             size = cpu_lora.pack_frozen_weights(policy)
-            notes.append(f"frozen panels: {size / 2**30:.2f} GB" if size else
+            amount = f"{size / 2**30:.2f} GB" if size >= 2**30 // 10 else f"{size / 2**20:.1f} MB"
+            notes.append(f"frozen panels: {amount} (LoRA's frozen weights packed once)" if size else
                          "frozen panels: not available (mlx-dpo's C++ kernels or OpenBLAS's micro-kernel not found)")
         adapter_config["lora_parameters"] = lora
     if cfg.compute.gradient_checkpointing:

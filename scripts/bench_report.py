@@ -380,9 +380,11 @@ softmax, LoRA's rank-r branch, AdamW), leaving their MLX-op versions; `addmm-lor
 the C++ LoRA branch (`MLX_DPO_NATIVE_LORA=0`), leaving it on `mx.addmm`; `keep-swiglu` keeps the SwiGLU product from the
 forward instead of recomputing it (`compute.recompute_activations: false`); `checkpointing` turns on each trainer's gradient checkpointing (mlx-dpo:
 `compute.gradient_checkpointing`, every block, its lowest-memory setting; mlx-lm-lora: its
-`grad_checkpoint`, which wraps the model's block class). Every other technique is on by default and
+`grad_checkpoint`, which wraps the model's block class); `frozen-panels` turns on the one technique
+that is off by default (`compute.frozen_panels: true`: LoRA's frozen weights packed once for
+OpenBLAS's micro-kernel, at twice their memory). Every other technique is on by default and
 has an exactness test (tests/test_perf_*.py, tests/test_cpu_kernels.py, tests/test_cpu_attention.py, tests/test_native.py,
-tests/test_cpu_lora.py, tests/test_cpu_streams.py).
+tests/test_cpu_lora.py, tests/test_cpu_streams.py, tests/test_frozen_panels.py).
 Length grouping and padding to a multiple of 16 cannot show on these pairs of equal lengths:
 `scripts/bench_batching.py` times them on pairs of varied lengths ("Pairs of varied lengths" below).
 
