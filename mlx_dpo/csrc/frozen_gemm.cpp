@@ -163,10 +163,24 @@ void panel_product(const float* panels, const float* x, int64_t tokens, float* o
   }
 }
 
-// inputs: w (out x in); output: its panels for one product's layout
-class PackFrozen : public CpuPrimitive {
+// A primitive for one of the two products, the forward's or the input gradient's: equal (for
+// mx.compile) to another of its kind for the same product.
+class ProductPrimitive : public CpuPrimitive {
  public:
-  PackFrozen(mx::Stream stream, bool forward) : CpuPrimitive(stream), forward_(forward) {}
+  ProductPrimitive(mx::Stream stream, bool forward) : CpuPrimitive(stream), forward_(forward) {}
+
+ protected:
+  bool same_parameters(const mx::Primitive& other) const override {
+    return static_cast<const ProductPrimitive&>(other).forward_ == forward_;  // same type: is_equivalent checked
+  }
+
+  bool forward_;
+};
+
+// inputs: w (out x in); output: its panels for one product's layout
+class PackFrozen : public ProductPrimitive {
+ public:
+  using ProductPrimitive::ProductPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto in = readable(inputs, outputs);
@@ -179,19 +193,12 @@ class PackFrozen : public CpuPrimitive {
 
   const char* name() const override { return "PackFrozen"; }
 
- protected:
-  bool same_parameters(const mx::Primitive& other) const override {
-    return static_cast<const PackFrozen&>(other).forward_ == forward_;
-  }
-
- private:
-  bool forward_;
 };
 
 // inputs: c (tokens x rows), x (tokens x depth), w (out x in), panels; output: c + x op(A)^T
-class FrozenAddmm : public CpuPrimitive {
+class FrozenAddmm : public ProductPrimitive {
  public:
-  FrozenAddmm(mx::Stream stream, bool forward) : CpuPrimitive(stream), forward_(forward) {}
+  using ProductPrimitive::ProductPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto in = readable(inputs, outputs);
@@ -226,13 +233,6 @@ class FrozenAddmm : public CpuPrimitive {
 
   const char* name() const override { return "FrozenAddmm"; }
 
- protected:
-  bool same_parameters(const mx::Primitive& other) const override {
-    return static_cast<const FrozenAddmm&>(other).forward_ == forward_;
-  }
-
- private:
-  bool forward_;
 };
 
 void check_weight(const mx::array& w) {
