@@ -116,3 +116,14 @@ def test_compiled_two_stream_step_on_panels_equals_the_step_without(make_config,
             assert s_on[key] == pytest.approx(s_off[key], rel=1e-5, abs=1e-5), key
         for name in g_off:
             np.testing.assert_allclose(g_on[name], g_off[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_no_panels_where_the_kernels_disagree_with_mlx(make_config, kernels, monkeypatch):
+    """An OpenBLAS core whose routines fail the start-up check gets no panels, and the run says so."""
+    from mlx_dpo.engines.mlx_engine import MLXEngine
+
+    monkeypatch.setattr(cpu_lora, "_checked", {"panels_agree": False})
+    ours, _ = _pair(bias=False)
+    assert cpu_lora.pack_frozen_weights(nn.Sequential(ours)) == 0 and not hasattr(ours, "frozen_panels")
+    engine = MLXEngine(make_config(**{"compute.frozen_panels": True}))
+    assert any(note.startswith("frozen panels: not available") for note in engine.notes), engine.notes
