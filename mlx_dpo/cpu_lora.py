@@ -43,12 +43,16 @@ from .recompute import after, ordered
 NATIVE_RANKS = (4, 8, 16, 32, 64)  # what csrc/lora_kernels.cpp is built for
 
 
+def _native_rank(lora_a: mx.array) -> bool:
+    """Whether the C++ LoRA kernels are for this adapter: a rank they have, not switched off by
+    MLX_DPO_NATIVE_LORA=0."""
+    return lora_a.shape[-1] in NATIVE_RANKS and os.environ.get("MLX_DPO_NATIVE_LORA", "1") != "0"
+
+
 def _lora_kernels(lora_a: mx.array):
-    """mlx-dpo's C++ LoRA kernels where they apply (built, float32, a rank they have, not switched
-    off by MLX_DPO_NATIVE_LORA=0), else None: then `mx.addmm` carries the rank-r products."""
-    if lora_a.shape[-1] not in NATIVE_RANKS or os.environ.get("MLX_DPO_NATIVE_LORA", "1") == "0":
-        return None
-    return cpu_layers.kernels_for(lora_a)
+    """mlx-dpo's C++ LoRA kernels where they apply (built, float32, `_native_rank`), else None:
+    then `mx.addmm` carries the rank-r products."""
+    return cpu_layers.kernels_for(lora_a) if _native_rank(lora_a) else None
 
 
 class FrozenPanels:
@@ -171,18 +175,15 @@ def pack_frozen_weights(model: nn.Module) -> int:
     """Give each fused LoRA layer of `model` over a float32 nn.Linear its FrozenPanels, where
     native.py's kernels are built and found OpenBLAS's micro-kernel (else nothing); returns the
     panels' bytes (twice the packed weights': one layout per product)."""
-    total = 0
-    for _, layer in model.named_modules():
-        if not (isinstance(layer, AddmmLoRALinear) and type(layer.linear) is nn.Linear
-                and layer.linear.weight.dtype == mx.float32):
-            continue
-        kernels = native.kernels()
-        if (kernels is None or not kernels.frozen_kernels() or layer.lora_a.shape[-1] not in NATIVE_RANKS
-                or os.environ.get("MLX_DPO_NATIVE_LORA", "1") == "0" or not _panels_agree(kernels)):
-            return total
+    layers = [layer for _, layer in model.named_modules()
+              if isinstance(layer, AddmmLoRALinear) and type(layer.linear) is nn.Linear
+              and layer.linear.weight.dtype == mx.float32 and _native_rank(layer.lora_a)]
+    kernels = native.kernels() if layers else None
+    if kernels is None or not kernels.frozen_kernels() or not _panels_agree(kernels):
+        return 0
+    for layer in layers:
         layer.frozen_panels = FrozenPanels(layer.linear.weight, kernels)
-        total += layer.frozen_panels.nbytes
-    return total
+    return sum(layer.frozen_panels.nbytes for layer in layers)
 
 
 def _panels_agree(kernels) -> bool:
