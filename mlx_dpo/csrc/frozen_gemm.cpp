@@ -90,8 +90,8 @@ const OpenBlas& openblas() {
   return found;
 }
 
-// Products run on panels and, for the panels' products that fell back, on cblas_sgemm (tests and
-// `mlx-dpo doctor` read them: a fallback costs speed, never correctness).
+// Products run on panels and products that fell back to cblas_sgemm (the tests read them: a
+// fallback costs speed, never correctness).
 std::atomic<int64_t> panel_products{0}, fallback_products{0};
 
 bool packs() {
@@ -113,16 +113,23 @@ std::vector<int64_t> block_offsets(int64_t rows, int64_t depth) {
   return offsets;
 }
 
+// op(A)'s shape for W (out x in, row-major): W itself for the forward (rows out, depth in), W^T for
+// the input gradient (rows in, depth out).
+struct Shape {
+  int64_t rows, depth;
+};
+Shape op_shape(int64_t out, int64_t in, bool forward) { return forward ? Shape{out, in} : Shape{in, out}; }
+
 struct Header {
   uint64_t source;  // the weight buffer's address: panels are only used with that buffer
   int64_t rows, depth, forward;
 };
 static_assert(sizeof(Header) <= kHeader * sizeof(float));
 
-// W (out x in, row-major): op(A) is W itself (forward: rows out, depth in) or W^T (rows in, depth out).
+// W (out x in, row-major) packed as op(A) (op_shape).
 void pack_panels(const float* w, int64_t out, int64_t in, bool forward, float* panels) {
   const auto& o = openblas();
-  int64_t rows = forward ? out : in, depth = forward ? in : out;
+  auto [rows, depth] = op_shape(out, in, forward);
   Header header{reinterpret_cast<uint64_t>(w), rows, depth, forward};
   std::memset(panels, 0, kHeader * sizeof(float));
   std::memcpy(panels, &header, sizeof(header));
@@ -192,7 +199,6 @@ class PackFrozen : public ProductPrimitive {
   }
 
   const char* name() const override { return "PackFrozen"; }
-
 };
 
 // inputs: c (tokens x rows), x (tokens x depth), w (out x in), panels; output: c + x op(A)^T
@@ -204,8 +210,8 @@ class FrozenAddmm : public ProductPrimitive {
     auto in = readable(inputs, outputs);
     auto& out = outputs[0];
     reuse_or_allocate(out, in[0]);
-    int64_t tokens = in[1].shape(0), out_dim = in[2].shape(0), in_dim = in[2].shape(1);
-    int64_t rows = forward_ ? out_dim : in_dim, depth = forward_ ? in_dim : out_dim;
+    int64_t tokens = in[1].shape(0), in_dim = in[2].shape(1);
+    auto [rows, depth] = op_shape(in[2].shape(0), in_dim, forward_);
     // The panels' header is read in the kernel: until then the packing may still be queued.
     encoder_for(inputs, outputs).dispatch([c = in[0].data<float>(), x = in[1].data<float>(), w = in[2].data<float>(),
                                            panels = in[3].data<float>(), y = out.data<float>(), tokens, rows, depth,
@@ -232,7 +238,6 @@ class FrozenAddmm : public ProductPrimitive {
   }
 
   const char* name() const override { return "FrozenAddmm"; }
-
 };
 
 void check_weight(const mx::array& w) {
@@ -246,7 +251,7 @@ void check_weight(const mx::array& w) {
 
 mx::array pack_frozen(const mx::array& w, bool forward) {
   check_weight(w);
-  int64_t rows = forward ? w.shape(0) : w.shape(1), depth = forward ? w.shape(1) : w.shape(0);
+  auto [rows, depth] = op_shape(w.shape(0), w.shape(1), forward);
   int64_t size = block_offsets(rows, depth).back();
   if (size > std::numeric_limits<int>::max()) {
     throw std::invalid_argument("frozen panels: weight too large");
@@ -258,7 +263,7 @@ mx::array pack_frozen(const mx::array& w, bool forward) {
 mx::array frozen_addmm(const mx::array& c, const mx::array& x, const mx::array& w, const mx::array& panels,
                        bool forward) {
   check_weight(w);
-  int64_t rows = forward ? w.shape(0) : w.shape(1), depth = forward ? w.shape(1) : w.shape(0);
+  auto [rows, depth] = op_shape(w.shape(0), w.shape(1), forward);
   if (x.ndim() != 2 || x.shape(1) != depth || c.ndim() != 2 || c.shape(0) != x.shape(0) || c.shape(1) != rows) {
     throw std::invalid_argument("frozen_addmm: c (tokens, rows) and x (tokens, depth) for w's product");
   }
