@@ -16,13 +16,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import base_spec, default_model  # noqa: E402
-from bench_runners import _mlx_dpo_config, mlx_dpo_batches  # noqa: E402
+from bench_runners import _mlx_dpo_config, mlx_dpo_batches, timed_step  # noqa: E402
 
 
 def parse_args():
@@ -66,10 +65,7 @@ def main() -> None:
     def step(name: str) -> float:
         batch = batches[name][taken[name] % len(batches[name])]
         taken[name] += 1
-        start = time.perf_counter()
-        engines[name].forward_backward(batch, batch.num_pairs)
-        engines[name].apply_update(spec["lr"])
-        return time.perf_counter() - start
+        return timed_step(engines[name], batch, spec["lr"])
 
     for name in engines:  # warm-up: tracing, compilation, buffers
         step(name)

@@ -66,6 +66,14 @@ def mlx_dpo_batches(engine, cfg, pairs_per_step: int) -> tuple[list, list, float
     return groups, [collate(group, pad) for group in groups], precompute_s
 
 
+def timed_step(engine, batch, lr: float) -> float:
+    """Seconds of one mlx-dpo optimizer step on `batch` (forward, backward and update)."""
+    start = time.perf_counter()
+    engine.forward_backward(batch, batch.num_pairs)
+    engine.apply_update(lr)
+    return time.perf_counter() - start
+
+
 def token_counts(group: list) -> list[tuple[int, int, int]]:
     """(prompt, chosen, rejected) tokens of each pair: what bench.step_flops counts from."""
     return [(len(p.prompt), len(p.chosen), len(p.rejected)) for p in group]
@@ -88,11 +96,9 @@ def run_mlx_dpo(spec: dict) -> dict:
     times, tokens, pair_tokens = [], [], []
     for step in range(spec["warmup"] + spec["steps"]):
         batch = batches[step % len(batches)]
-        start = time.perf_counter()
-        engine.forward_backward(batch, batch.num_pairs)
-        engine.apply_update(spec["lr"])
+        seconds = timed_step(engine, batch, spec["lr"])
         if step >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
             tokens.append(batch.num_tokens)
             pair_tokens.append(token_counts(groups[step % len(groups)]))
     return {"step_s": times, "tokens": tokens, "pair_tokens": pair_tokens, "pairs": spec["batch"],

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import base_spec, default_model, step_flops  # noqa: E402
-from bench_runners import _mlx_dpo_config, mlx_dpo_batches, token_counts  # noqa: E402
+from bench_runners import _mlx_dpo_config, mlx_dpo_batches, timed_step, token_counts  # noqa: E402
 
 
 def parse_args():
@@ -72,10 +72,7 @@ def main() -> None:
         """(seconds per 1k tokens, GFLOP/s) of one step at this length."""
         batch, flops = batches[seq][taken[seq] % len(batches[seq])]
         taken[seq] += 1
-        start = time.perf_counter()
-        engine.forward_backward(batch, batch.num_pairs)
-        engine.apply_update(specs[seq]["lr"])
-        seconds = time.perf_counter() - start
+        seconds = timed_step(engine, batch, specs[seq]["lr"])
         return 1000 * seconds / batch.num_tokens, flops / seconds / 1e9
 
     for seq in lengths:  # warm-up: tracing, compilation, buffers

@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,10 +66,7 @@ def main() -> None:
     args = p.parse_args()
 
     import mlx_dpo  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_dpo import refcache
     from mlx_dpo.config import config_from_dict
-    from mlx_dpo.data.batching import collate
-    from mlx_dpo.data.pipeline import prepare_data
     from mlx_dpo.engines.mlx_engine import MLXEngine
 
     work = bench.ROOT / ".bench"
@@ -78,16 +74,10 @@ def main() -> None:
     spec["finetune"] = args.finetune
     cfg = config_from_dict(bench_runners._mlx_dpo_config(spec, {}), source="profile")
     engine = MLXEngine(cfg)
-    pairs = prepare_data(cfg, engine.tokenizer).train.pairs
-    refcache.attach(pairs, refcache.compute(engine, pairs, args.batch))
-    pad = engine.tokenizer.eos_token_id or 0
-    batches = [collate(pairs[i:i + args.batch], pad) for i in range(0, len(pairs), args.batch)]
+    _, batches, _ = bench_runners.mlx_dpo_batches(engine, cfg, args.batch)  # reference log-probs attached
 
     def step(i: int) -> float:
-        start = time.perf_counter()
-        engine.forward_backward(batches[i % len(batches)], args.batch)
-        engine.apply_update(1e-6)
-        return time.perf_counter() - start
+        return bench_runners.timed_step(engine, batches[i % len(batches)], spec["lr"])
 
     for i in range(2):
         step(i)
