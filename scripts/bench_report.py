@@ -18,8 +18,8 @@ def verdict(ok: bool) -> str:
 
 def command(args: dict, write_docs: bool = True) -> str:
     """The command line that made a results file (and its section, with `write_docs`)."""
-    flags = [f"--batch {args['batch']}", f"--rounds {args['rounds']}"] + [f"--{k}" for k in ("ablation", "scale")
-                                                                          if args.get(k)]
+    flags = [f"--batch {args['batch']}"] if args.get("batch") else []  # its default has changed (2, then 4)
+    flags += [f"--rounds {args['rounds']}"] + [f"--{k}" for k in ("ablation", "scale") if args.get(k)]
     if args.get("runners") and "trl-full" not in args["runners"]:
         flags.insert(0, f"--runners {args['runners']}")
     return " ".join([".venv/bin/python scripts/bench.py", *flags, *(["--write-docs"] if write_docs else [])])
