@@ -321,7 +321,7 @@ def bench_scale_paired(args, work: Path, model: Path) -> Optional[dict]:
         return None
     print(f"paired scale steps: {args.paired_cycles} cycles", flush=True)
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_scale_paired.py"), "--work", str(work), "--model", str(model),
-           "--cycles", str(args.paired_cycles)]
+           "--batch", str(args.batch), "--cycles", str(args.paired_cycles)]  # the goal read at the table's batch
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  paired scale steps: FAILED (exit {proc.returncode})\n{(proc.stderr or proc.stdout)[-1500:]}",

@@ -44,7 +44,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def scale_goal(scale: list[dict], paired: Optional[dict] = None) -> list[str]:
-    """Cost no worse than linear in tokens up to 1024: at every length measured (batch 2), seconds
+    """Cost no worse than linear in tokens up to 1024: at every length measured, seconds
     per 1k tokens within 5% of those at seq 256, the bound a linear cost from there would give.
 
     With `paired` (scripts/bench_scale_paired.py's results) the verdict is its median ratios of each
@@ -65,8 +65,9 @@ def scale_goal(scale: list[dict], paired: Optional[dict] = None) -> list[str]:
         each_paired = ", ".join(f"{seq}: {row['median_ratio']:.2f}x (its {len(row['ratios'])} steps "
                                 f"{row['min_ratio']:.2f}x-{row['max_ratio']:.2f}x)" for seq, row in sorted(longer.items()))
         lines = [f"{goal}, as the median ratio of each longer step to its neighbouring seq-256 steps in one process "
-                 f"(`{paired.get('command', 'scripts/bench_scale_paired.py')}`, {paired['started']}): {each_paired} — {ok}",
-                 f"  (the scale rows below, each length in its own process minutes apart: {each}{mid}; the machine's "
+                 f"(`{paired.get('command', 'scripts/bench_scale_paired.py')}`, {paired['started']}, "
+                 f"{paired.get('batch', 2)} pairs per step): {each_paired} — {ok}",
+                 f"  (the scale rows below, batch 2, each length in its own process minutes apart: {each}{mid}; the machine's "
                  "speed between those minutes decides that reading as much as the code does)"]
     else:
         ok = verdict(max(ratios.values()) <= 1.05)
@@ -202,7 +203,7 @@ def plot(results: dict, path: Path) -> None:
         ok = [r for r in results["scale"] if "error" not in r and r["batch"] == 2]
         paired = _paired_ratios(results.get("scale_paired"))
         if paired and ok and ok[0]["seq"] == 256:
-            _plot_paired(axes[1], paired, ok)
+            _plot_paired(axes[1], paired, ok, results["scale_paired"].get("batch", 2))
         else:
             tokens = [r["tokens_per_s"] * r["median_s"] for r in ok]
             axes[1].plot(tokens, [r["median_s"] for r in ok], "o-", color="tab:green", label="measured (batch 2)")
@@ -217,7 +218,7 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _plot_paired(ax, paired: dict, rows: list[dict]) -> None:
+def _plot_paired(ax, paired: dict, rows: list[dict], batch: int) -> None:
     """Seconds per token against seq 256's: the paired ratios (median, bars to min and max), the
     per-process scale rows, and the goal's 1.05 line."""
     seqs = [256, *sorted(paired)]
@@ -225,10 +226,10 @@ def _plot_paired(ax, paired: dict, rows: list[dict]) -> None:
     low = [0.0] + [paired[s]["median_ratio"] - paired[s]["min_ratio"] for s in seqs[1:]]
     high = [0.0] + [paired[s]["max_ratio"] - paired[s]["median_ratio"] for s in seqs[1:]]
     ax.errorbar(seqs, medians, yerr=[low, high], fmt="o-", color="tab:green", capsize=4,
-                label="neighbouring steps, one process (median, range)")
+                label=f"neighbouring steps, one process, batch {batch} (median, range)")
     base = rows[0]["s_per_ktoken"]
     ax.plot([r["seq"] for r in rows], [r["s_per_ktoken"] / base for r in rows], "s", mfc="none", color="tab:gray",
-            label="each length in its own process")
+            label="each length in its own process, batch 2")
     ax.axhline(1.05, ls="--", color="tab:red", lw=1, label="goal: at most 1.05")
     ax.axhline(1.0, ls=":", color="tab:gray", lw=1)
     ax.set_xscale("log", base=2)
@@ -236,7 +237,7 @@ def _plot_paired(ax, paired: dict, rows: list[dict]) -> None:
     ax.set_xlabel("tokens per sequence")
     ax.set_ylabel("seconds per token / seq 256's")
     ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("mlx-dpo LoRA, batch 2: cost per token against seq 256", fontsize=9)
+    ax.set_title("mlx-dpo LoRA: cost per token against seq 256", fontsize=9)
 
 
 def section(results: dict, earlier=None, rendered_by: str = "") -> str:

@@ -101,7 +101,7 @@ def main() -> None:
             before = after
         print(f"cycle {cycle + 1}/{args.cycles}: " + ", ".join(f"{seq}: {ratios[seq][-1]:.3f}x" for seq in longer),
               flush=True)
-    result = {"started": started, "command": f"scripts/bench_scale_paired.py --cycles {args.cycles}",
+    result = {"started": started, "command": f"scripts/bench_scale_paired.py --batch {args.batch} --cycles {args.cycles}",
               "batch": args.batch, "cycles": args.cycles, "base": base, "lengths": {}}
     for seq in lengths:
         row = {"median_s_per_ktoken": statistics.median(settled[seq]), "steps": len(settled[seq]),
