@@ -38,7 +38,8 @@ def parse_args():
     p.add_argument("--model", help="mlx-lm model folder (default: the bench's SmolLM2-135M-Instruct)")
     p.add_argument("--work", default=".bench", help="scratch folder, as scripts/bench.py's")
     p.add_argument("--lengths", default="256,512,1024", help="tokens per sequence; the first is the base")
-    p.add_argument("--batch", type=int, default=2, help="pairs per step")
+    p.add_argument("--batch", type=int, default=4,
+                   help="pairs per step (default 4: mlx-dpo's training.batch_size, as scripts/bench.py's table)")
     p.add_argument("--cycles", type=int, default=8, help="ratios per longer length (~1 min per cycle)")
     return p.parse_args()
 
