@@ -117,13 +117,17 @@ def _keep_freed_heap() -> str:
     gives each large freed block back to the kernel (unmapped, or trimmed from the heap's top), so
     the next step faults its pages in again, zero-filled: at 1024 tokens a LoRA step of
     SmolLM2-135M took ~150,000 page faults and 1.5 s of system time. Every block now comes from the
-    heap, which is never trimmed, and is reused at any size: glibc's mmap for blocks of 32 MiB and
-    more is off too, which full fine-tuning needs (its tied embedding's gradient, 113 MB per CPU
-    stream, took ~55,000 faults a step; session 16's A/B in docs/benchmarks.md). The peak RSS is
-    unchanged (see docs/benchmarks.md): a freed block is reused, not kept beside a new one. A
-    user's own MALLOC_* or GLIBC_TUNABLES settings win; MLX_DPO_MALLOC=system leaves glibc's
-    defaults (setting any MALLOC_* threshold would not: it switches glibc's sliding thresholds
-    off); other C libraries are left alone. Should the heap be unable to grow, glibc still maps."""
+    heap, and is reused at any size: glibc's mmap for blocks of 32 MiB and more is off, which full
+    fine-tuning needs (its tied embedding's gradient, 113 MB per CPU stream, took ~55,000 faults a
+    step; session 16's A/B in docs/benchmarks.md). The heap is never trimmed (M_TRIM_THRESHOLD -1,
+    mallopt(3)): a 2 GiB threshold, the largest positive value, still gave back the ~4 GB that a
+    4-pair step at 1024 tokens frees when a shorter batch comes between two long ones, and the next
+    long step faulted 1.1 million pages in again (~7% of its time; docs/benchmarks.md, session 23).
+    The peak RSS is unchanged (see docs/benchmarks.md): a freed block is reused, not kept beside a
+    new one; the resident size between steps stays at the peak. A user's own MALLOC_* or
+    GLIBC_TUNABLES settings win; MLX_DPO_MALLOC=system leaves glibc's defaults (setting any MALLOC_*
+    threshold would not: it switches glibc's sliding thresholds off); other C libraries are left
+    alone. Should the heap be unable to grow, glibc still maps."""
     if not sys.platform.startswith("linux") or os.environ.get("MLX_DPO_MALLOC") == "system":
         return "system default"
     if "GLIBC_TUNABLES" in os.environ or any(key.startswith("MALLOC_") for key in os.environ):
@@ -134,7 +138,7 @@ def _keep_freed_heap() -> str:
         return "not glibc: default"
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, -1)):  # -1: never trim
         return "glibc default (mallopt refused)"
     return "glibc, heap kept, no block mapped apart"
 

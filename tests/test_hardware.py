@@ -95,7 +95,8 @@ import resource, mlx_dpo, mlx.core as mx
 from mlx_dpo.hardware import prepare_runtime
 mx.set_cache_limit(0)  # every freed buffer goes back to malloc, as large ones do in training
 pages = []
-for size in (5 * 2**20, 5 * 2**20, 16 * 2**20, 16 * 2**20):  # 20 MiB twice, then 64 MiB twice
+# 20 MiB twice, 64 MiB twice, then 2.25 GiB twice (beyond glibc's largest positive trim threshold)
+for size in (5 * 2**20, 5 * 2**20, 16 * 2**20, 16 * 2**20, 576 * 2**20, 576 * 2**20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = mx.ones((size,)); mx.eval(a); del a
     pages.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -108,7 +109,8 @@ def test_freed_buffers_stay_in_the_heap_unless_opted_out():
     """A 20 MiB buffer freed and allocated again is not faulted in again (~5120 pages both times
     with glibc's defaults, which unmap it on free), nor is one of 64 MiB, above the largest size
     glibc's defaults ever serve from the heap (32 MiB); a full fine-tune's embedding gradient is
-    such a block."""
+    such a block. Nor is one of 2.25 GiB: a trim threshold of 2 GiB (the largest positive one)
+    gave it back, as it gave back what a 4-pair step at 1024 tokens frees."""
     import os
 
     def run(env_extra):
@@ -117,10 +119,12 @@ def test_freed_buffers_stay_in_the_heap_unless_opted_out():
                              capture_output=True, text=True, check=True).stdout.splitlines()
         return out[0], [int(p) for p in out[1].split()]
 
-    setting, (first, again, big, big_again) = run({})
+    setting, (first, again, big, big_again, huge, huge_again) = run({})
     assert setting.startswith("glibc, heap kept") and first > 4000 and again < 0.05 * first
     assert big > 4000 and big_again < 0.05 * big
-    setting, (first, again, big, big_again) = run({"MLX_DPO_MALLOC": "system"})
+    assert huge > 500_000 and huge_again < 0.05 * huge
+    setting, (first, again, big, big_again, huge, huge_again) = run({"MLX_DPO_MALLOC": "system"})
     assert setting == "system default" and again > 0.5 * first and big_again > 0.5 * big
+    assert huge_again > 0.5 * huge
     setting, _ = run({"MALLOC_ARENA_MAX": "2"})
     assert setting == "glibc, user settings"
