@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import base_spec, default_model  # noqa: E402
-from bench_runners import _mlx_dpo_config, mlx_dpo_batches, timed_step  # noqa: E402
+from bench_runners import mlx_dpo_lengths, timed_step  # noqa: E402
 
 M_TRIM_THRESHOLD = -1
 THRESHOLDS = {"A": 2**31 - 1, "B": -1}  # -1: never trim (mallopt(3))
@@ -43,21 +43,17 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    if args.cycles < 2 or args.pairs < 1:
+        sys.exit("ab_heap_trim.py: --cycles must be at least 2 (each block's first is not counted), --pairs at least 1")
     import mlx_dpo  # noqa: F401  (OpenBLAS before mlx; sets mode B)
-    from mlx_dpo.config import config_from_dict
-    from mlx_dpo.engines.mlx_engine import MLXEngine
 
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     work = Path(args.work)
     model = default_model(work)
     specs = {seq: {**base_spec(work, model, seq, args.batch, 0, 0), "finetune": "lora"} for seq in LENGTHS}
-    limits = {"max_prompt": max(LENGTHS), "max_completion": max(LENGTHS)}
-    engine = MLXEngine(config_from_dict(_mlx_dpo_config({**specs[max(LENGTHS)], **limits}, {}), source="bench"))
-    batches = {}
-    for seq in LENGTHS:
-        cfg = config_from_dict(_mlx_dpo_config({**specs[seq], **limits}, {}), source="bench")
-        batches[seq] = mlx_dpo_batches(engine, cfg, args.batch)[1]
+    engine, grouped = mlx_dpo_lengths(specs)
+    batches = {seq: collated for seq, (_, collated) in grouped.items()}
 
     def step(seq: int, i: int) -> tuple[float, int]:
         """(seconds per 1k tokens, minor page faults) of one step."""

@@ -66,6 +66,24 @@ def mlx_dpo_batches(engine, cfg, pairs_per_step: int) -> tuple[list, list, float
     return groups, [collate(group, pad) for group in groups], precompute_s
 
 
+def mlx_dpo_lengths(specs: dict) -> tuple[object, dict]:
+    """One mlx-dpo engine for the bench's specs at several lengths ({seq: spec}), with the longest
+    length's limits so that none of the shorter pairs is truncated, and each length's (groups of
+    pairs, collated batches) at its spec's batch."""
+    from mlx_dpo.config import config_from_dict
+    from mlx_dpo.engines.mlx_engine import MLXEngine
+
+    longest = max(specs)
+    limits = {"max_prompt": longest, "max_completion": longest}
+    engine = MLXEngine(config_from_dict(_mlx_dpo_config({**specs[longest], **limits}, {}), source="bench"))
+    batches = {}
+    for seq, spec in specs.items():
+        cfg = config_from_dict(_mlx_dpo_config({**spec, **limits}, {}), source="bench")
+        groups, collated, _ = mlx_dpo_batches(engine, cfg, spec["batch"])
+        batches[seq] = (groups, collated)
+    return engine, batches
+
+
 def timed_step(engine, batch, lr: float) -> float:
     """Seconds of one mlx-dpo optimizer step on `batch` (forward, backward and update)."""
     start = time.perf_counter()

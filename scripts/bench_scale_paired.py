@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import base_spec, default_model, step_flops  # noqa: E402
-from bench_runners import _mlx_dpo_config, mlx_dpo_batches, timed_step, token_counts  # noqa: E402
+from bench_runners import mlx_dpo_lengths, timed_step, token_counts  # noqa: E402
 
 
 def parse_args():
@@ -46,8 +47,6 @@ def parse_args():
 
 def main() -> None:
     import mlx_dpo  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_dpo.config import config_from_dict
-    from mlx_dpo.engines.mlx_engine import MLXEngine
 
     args = parse_args()
     started = time.strftime("%Y-%m-%d %H:%M")
@@ -58,22 +57,19 @@ def main() -> None:
     lengths = [int(n) for n in args.lengths.split(",")]
     base, longer = lengths[0], lengths[1:]
     specs = {seq: {**base_spec(work, model, seq, args.batch, 0, 0), "finetune": "lora"} for seq in lengths}
-    # one engine for every length; the longest length's limits truncate none of the shorter pairs
-    limits = {"max_prompt": max(lengths), "max_completion": max(lengths)}
-    engine = MLXEngine(config_from_dict(_mlx_dpo_config({**specs[max(lengths)], **limits}, {}), source="bench"))
-    batches = {}
-    for seq in lengths:
-        cfg = config_from_dict(_mlx_dpo_config({**specs[seq], **limits}, {}), source="bench")
-        groups, collated, _ = mlx_dpo_batches(engine, cfg, args.batch)
-        batches[seq] = [(batch, step_flops(config, token_counts(group), "lora"))
-                        for group, batch in zip(groups, collated)]
+    engine, grouped = mlx_dpo_lengths(specs)  # one engine for every length
+    batches = {seq: [(batch, step_flops(config, token_counts(group), "lora")) for group, batch in zip(*grouped[seq])]
+               for seq in lengths}
     taken = {seq: 0 for seq in lengths}
+    faults = {seq: [] for seq in lengths}  # minor page faults of each step (memory given back and taken again)
 
     def step(seq: int) -> tuple[float, float]:
         """(seconds per 1k tokens, GFLOP/s) of one step at this length."""
         batch, flops = batches[seq][taken[seq] % len(batches[seq])]
         taken[seq] += 1
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         seconds = timed_step(engine, batch, specs[seq]["lr"])
+        faults[seq].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         return 1000 * seconds / batch.num_tokens, flops / seconds / 1e9
 
     for seq in lengths:  # warm-up: tracing, compilation, buffers
@@ -107,13 +103,15 @@ def main() -> None:
     for seq in lengths:
         row = {"median_s_per_ktoken": statistics.median(settled[seq]), "steps": len(settled[seq]),
                "median_gflops_per_s": statistics.median(rates[seq]),
-               "median_switch_cost": statistics.median(switch[seq])}
+               "median_switch_cost": statistics.median(switch[seq]),
+               "median_page_faults": statistics.median(faults[seq][1:])}  # after its warm-up step
         if seq in ratios:
             r = ratios[seq]
             row.update(ratios=r, median_ratio=statistics.median(r), min_ratio=min(r), max_ratio=max(r))
         result["lengths"][str(seq)] = row
         line = (f"seq {seq}: {row['median_s_per_ktoken']:.3f} s per 1k tokens, {row['median_gflops_per_s']:.1f} GFLOP/s, "
-                f"first step after a change of length {row['median_switch_cost']:.3f}x the second")
+                f"first step after a change of length {row['median_switch_cost']:.3f}x the second, "
+                f"{row['median_page_faults']:.0f} page faults per step")
         if seq in ratios:
             line += (f"; against its neighbours at {base}: median {row['median_ratio']:.3f}x "
                      f"(min {row['min_ratio']:.3f}x, max {row['max_ratio']:.3f}x, {len(r)} steps)")
