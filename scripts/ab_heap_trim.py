@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import base_spec, default_model  # noqa: E402
-from bench_runners import mlx_dpo_lengths, timed_step  # noqa: E402
+from bench_runners import faulted_step, mlx_dpo_lengths  # noqa: E402
 
 M_TRIM_THRESHOLD = -1
 THRESHOLDS = {"A": 2**31 - 1, "B": -1}  # -1: never trim (mallopt(3))
@@ -58,11 +56,8 @@ def main() -> None:
     def step(seq: int, i: int) -> tuple[float, int]:
         """(seconds per 1k tokens, minor page faults) of one step."""
         batch = batches[seq][i % len(batches[seq])]
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        timed_step(engine, batch, specs[seq]["lr"])
-        seconds = time.perf_counter() - start
-        return 1000 * seconds / batch.num_tokens, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        seconds, faults = faulted_step(engine, batch, specs[seq]["lr"])
+        return 1000 * seconds / batch.num_tokens, faults
 
     for seq in LENGTHS:  # warm-up: tracing, compilation, buffers
         step(seq, 0)

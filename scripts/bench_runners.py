@@ -92,6 +92,14 @@ def timed_step(engine, batch, lr: float) -> float:
     return time.perf_counter() - start
 
 
+def faulted_step(engine, batch, lr: float) -> tuple[float, int]:
+    """(seconds, minor page faults) of one `timed_step`: the faults count memory the kernel had to
+    hand over again (zero-filled) because it was given back since the last step."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds = timed_step(engine, batch, lr)
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def token_counts(group: list) -> list[tuple[int, int, int]]:
     """(prompt, chosen, rejected) tokens of each pair: what bench.step_flops counts from."""
     return [(len(p.prompt), len(p.chosen), len(p.rejected)) for p in group]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import base_spec, default_model, step_flops  # noqa: E402
-from bench_runners import mlx_dpo_lengths, timed_step, token_counts  # noqa: E402
+from bench_runners import faulted_step, mlx_dpo_lengths, token_counts  # noqa: E402
 
 
 def parse_args():
@@ -67,9 +66,8 @@ def main() -> None:
         """(seconds per 1k tokens, GFLOP/s) of one step at this length."""
         batch, flops = batches[seq][taken[seq] % len(batches[seq])]
         taken[seq] += 1
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        seconds = timed_step(engine, batch, specs[seq]["lr"])
-        faults[seq].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        seconds, faulted = faulted_step(engine, batch, specs[seq]["lr"])
+        faults[seq].append(faulted)
         return 1000 * seconds / batch.num_tokens, flops / seconds / 1e9
 
     for seq in lengths:  # warm-up: tracing, compilation, buffers
