@@ -28,11 +28,43 @@ namespace mlx_dpo {
 
 namespace {
 
-constexpr int kTileRows = 8;   // query rows per score tile
-constexpr int kTileCols = 32;  // key columns per score tile: 8 x 32 accumulators fill 16 AVX-512 registers
+// Query rows and key columns per score tile: 6 x 64 accumulators fill 24 AVX-512 registers, and
+// each step of the tile loads 4 vectors of keys and broadcasts 6 query values for 24 fused
+// multiply-adds. 8 x 32 tiles (16 registers) needed 10 loads per 16: on a core whose other
+// hardware thread is busy the loads, not the arithmetic, set their pace (docs/benchmarks.md,
+// session 24).
+constexpr int kTileRows = 6;
+constexpr int kTileCols = 64;
 // Query rows per block: the softmax, the products and the key gradients' accumulation go a block
-// at a time, so each key gradient row is loaded and stored once per this many query rows.
-constexpr int kBlockRows = 16;
+// at a time, so each key gradient row is loaded and stored once per this many query rows; a
+// multiple of kTileRows.
+constexpr int kBlockRows = 18;
+
+// Calls tile(std::integral_constant<int, n>{}, i) for consecutive runs [i, i + n) covering [0, count):
+// runs of R while they fit, then of 4, 2 and 1, so that a block's last rows still go through
+// register tiles.
+template <int R, typename Tile>
+inline void in_tiles(int count, Tile&& tile) {
+  int i = 0;
+  for (; i + R <= count; i += R) {
+    tile(std::integral_constant<int, R>{}, i);
+  }
+  if constexpr (R > 4) {
+    if (i + 4 <= count) {
+      tile(std::integral_constant<int, 4>{}, i);
+      i += 4;
+    }
+  }
+  if constexpr (R > 2) {
+    if (i + 2 <= count) {
+      tile(std::integral_constant<int, 2>{}, i);
+      i += 2;
+    }
+  }
+  for (; i < count; ++i) {
+    tile(std::integral_constant<int, 1>{}, i);
+  }
+}
 
 // acc[r][c] += sum_{k in [from, to)} a[r][k] * b[k][c] for R rows and W columns: the plain C++ tiles'
 // loop (the compiler vectorises it for this machine).
@@ -65,31 +97,31 @@ inline void score_tile(const float* a, int64_t lda, const float* bt, int64_t ldb
 
 #if defined(__AVX512F__)
 // The same tiles in AVX-512 registers (GCC keeps the portable versions' accumulators on the stack).
+// Never inlined: inlined into a large caller, GCC has stored every accumulator to the stack on
+// each step of the loop (the forward ran 1.5x slower).
 template <int R>
-inline void score_tile_avx512(const float* a, int64_t lda, const float* bt, int64_t ldb, int depth, float* out,
+[[gnu::noinline]] void score_tile_avx512(const float* a, int64_t lda, const float* bt, int64_t ldb, int depth, float* out,
                               int64_t ldo, int width) {
-  __m512 acc[R][2];
+  constexpr int V = kTileCols / 16;
+  __m512 acc[R][V];
   for (int r = 0; r < R; ++r) {
-    acc[r][0] = _mm512_setzero_ps();
-    acc[r][1] = _mm512_setzero_ps();
+    for (int u = 0; u < V; ++u) acc[r][u] = _mm512_setzero_ps();
   }
   for (int k = 0; k < depth; ++k) {
     const float* b = bt + k * ldb;
-    __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    __m512 bv[V];
+    for (int u = 0; u < V; ++u) bv[u] = _mm512_loadu_ps(b + 16 * u);
     for (int r = 0; r < R; ++r) {
       __m512 x = _mm512_set1_ps(a[r * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+      for (int u = 0; u < V; ++u) acc[r][u] = _mm512_fmadd_ps(x, bv[u], acc[r][u]);
     }
   }
   for (int r = 0; r < R; ++r) {
     if (width == kTileCols) {
-      _mm512_storeu_ps(out + r * ldo, acc[r][0]);
-      _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);
+      for (int u = 0; u < V; ++u) _mm512_storeu_ps(out + r * ldo + 16 * u, acc[r][u]);
     } else {
       alignas(64) float row[kTileCols];
-      _mm512_store_ps(row, acc[r][0]);
-      _mm512_store_ps(row + 16, acc[r][1]);
+      for (int u = 0; u < V; ++u) _mm512_store_ps(row + 16 * u, acc[r][u]);
       std::memcpy(out + r * ldo, row, sizeof(float) * width);
     }
   }
@@ -97,7 +129,7 @@ inline void score_tile_avx512(const float* a, int64_t lda, const float* bt, int6
 
 // out rows (R of D) += sum_j p[r][j] b[j][:] (product) or sum_j p[j][j0 + r] b[j][:] (transposed).
 template <int R, int D, bool Transposed>
-inline void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_t ldb, int from, int to, int j0,
+[[gnu::noinline]] void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_t ldb, int from, int to, int j0,
                              float* out, int64_t ldo) {
   constexpr int V = D / 16;
   __m512 acc[R][V];
@@ -129,7 +161,7 @@ inline void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_
 
 // Keys transposed into panels of kTileCols columns: panel p holds K^T's columns [p kTileCols,
 // (p + 1) kTileCols) as `depth` rows of kTileCols contiguous floats, so that a score tile reads one
-// contiguous block (8 KB at head size 64) instead of `depth` rows a page apart, which the hardware
+// contiguous block (16 KB at head size 64) instead of `depth` rows a page apart, which the hardware
 // prefetcher does not follow and which each take a TLB entry.
 inline const float* panel(const float* panels, int depth, int column) {
   return panels + static_cast<int64_t>(column / kTileCols) * depth * kTileCols;
@@ -141,38 +173,32 @@ inline const float* panel(const float* panels, int depth, int column) {
 void score_rows(const float* a, int64_t lda, int rows, const float* panels, int depth, int c0, int c1, float* out,
                 int64_t ldo) {
   const int start = c0 / kTileCols * kTileCols;
-  for (int r0 = 0; r0 < rows; r0 += kTileRows) {
-    int n = std::min(kTileRows, rows - r0);
+  in_tiles<kTileRows>(rows, [&](auto n, int r0) {
     for (int c = start; c < c1; c += kTileCols) {
-      int width = std::min(kTileCols, c1 - c);
-      const float* bt = panel(panels, depth, c);
-      if (n == kTileRows) {
+      const int width = std::min(kTileCols, c1 - c);
 #if defined(__AVX512F__)
-        score_tile_avx512<kTileRows>(a + r0 * lda, lda, bt, kTileCols, depth, out + r0 * ldo + c, ldo, width);
+      score_tile_avx512<decltype(n)::value>(a + r0 * lda, lda, panel(panels, depth, c), kTileCols, depth, out + r0 * ldo + c, ldo, width);
 #else
-        score_tile<kTileRows>(a + r0 * lda, lda, bt, kTileCols, depth, out + r0 * ldo + c, ldo, width);
+      score_tile<decltype(n)::value>(a + r0 * lda, lda, panel(panels, depth, c), kTileCols, depth, out + r0 * ldo + c, ldo, width);
 #endif
-      } else {
-        for (int r = r0; r < r0 + n; ++r) {
-          score_tile<1>(a + r * lda, lda, bt, kTileCols, depth, out + r * ldo + c, ldo, width);
-        }
-      }
     }
-  }
+  });
 }
 
-constexpr int kSliceWidth = 32;  // columns of the product's AVX-512 tiles: 2 registers per row
+// Columns of the products' AVX-512 tiles: 4 registers per row at head size 64 or more (then 6 rows
+// per tile, as the score tiles: each row of b serves 6 rows of p per load, and p is read once per 64
+// columns), 2 registers per row at head size 32 (then 8 rows).
+template <int D>
+constexpr int kSliceWidth = D % 64 == 0 ? 64 : 32;
 
 // out[r][:] += sum_{j in [j0, j1)} p[r][j] * b[j][:] for R rows of size D.
 template <int R, int D>
 inline void product_tile(const float* p, int64_t ldp, const float* b, int64_t ldb, int j0, int j1, float* out,
                          int64_t ldo) {
 #if defined(__AVX512F__)
-  if constexpr (D % kSliceWidth == 0) {
-    // In slices of kSliceWidth columns, so that each row of b loaded from L2 serves R = 8 rows of p
-    // (the whole head size would leave room for 4): the product was bound by L2 bandwidth.
-    for (int c = 0; c < D; c += kSliceWidth) {
-      rows_tile_avx512<R, kSliceWidth, false>(p, ldp, b + c, ldb, j0, j1, 0, out + c, ldo);
+  if constexpr (D % kSliceWidth<D> == 0) {
+    for (int c = 0; c < D; c += kSliceWidth<D>) {
+      rows_tile_avx512<R, kSliceWidth<D>, false>(p, ldp, b + c, ldb, j0, j1, 0, out + c, ldo);
     }
     return;
   }
@@ -192,9 +218,9 @@ template <int R, int D>
 inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t lda, int i0, int i1, int j0,
                             float* out) {
 #if defined(__AVX512F__)
-  if constexpr (D % kSliceWidth == 0) {
-    for (int c = 0; c < D; c += kSliceWidth) {
-      rows_tile_avx512<R, kSliceWidth, true>(p, ldp, a + c, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D + c, D);
+  if constexpr (D % kSliceWidth<D> == 0) {
+    for (int c = 0; c < D; c += kSliceWidth<D>) {
+      rows_tile_avx512<R, kSliceWidth<D>, true>(p, ldp, a + c, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D + c, D);
     }
     return;
   }
@@ -215,13 +241,13 @@ inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t
   std::memcpy(out + static_cast<int64_t>(j0) * D, acc, sizeof(acc));
 }
 
-// Rows per register tile of the products, 16 registers of accumulators: with AVX-512, 8 rows of
-// one slice; in plain C++, as many whole rows of D as fit.
+// Rows per register tile of the products: with AVX-512, 6 rows of a 64-column slice (24 registers of
+// accumulators) or 8 of a 32-column one (16); in plain C++, as many whole rows of D as 16 registers hold.
 template <int D>
 constexpr int kWholeRows = 1024 / (4 * D) < 1 ? 1 : 1024 / (4 * D);
 #if defined(__AVX512F__)
 template <int D>
-constexpr int kProductRows = D % kSliceWidth == 0 ? 8 : kWholeRows<D>;
+constexpr int kProductRows = kSliceWidth<D> == 64 ? 6 : 8;
 #else
 template <int D>
 constexpr int kProductRows = kWholeRows<D>;
@@ -295,28 +321,39 @@ Spans clipped(const Spans& spans, int lo, int hi) {
   return out;
 }
 
-// exp(s - top) on the row's visible keys and 0 on the rest of the spans, in place; the sum of the exps.
-// With `top` < infinity it is given (the backward's recomputation), else the row's maximum is taken
-// and returned there.
-float exp_row(float* row, const Spans& spans, Range first, Range second, float& top, bool find_top) {
-  const int a_lo = first.lo, a_hi = first.hi, b_lo = second.lo, b_hi = second.hi;  // locals: the loops vectorise
-  float m = top;
-  if (find_top) {
-    m = std::max(row_max(row, a_lo, a_hi), row_max(row, b_lo, b_hi));
-    top = m;
+// exp(s - max) over [lo, hi], where every score is at most the maximum (keys the row sees), in
+// place; the sum of the exps.
+float exp_seen(float* row, int lo, int hi, float top) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = lo; j <= hi; ++j) {
+    float e = exp_nonpositive(row[j] - top);
+    row[j] = e;
+    sum += e;
   }
+  return sum;
+}
+
+// exp(s - row max) on the row's visible keys and 0 on the rest of the spans, in place; the sum of
+// the exps, the maximum in `top`. The visible ranges and the gaps between them go in separate
+// loops, so that no element pays for a mask (a third of the loop's instructions when it had them).
+float exp_row(float* row, const Spans& spans, Range first, Range second, float& top) {
+  const float m = std::max(row_max(row, first.lo, first.hi), row_max(row, second.lo, second.hi));
+  top = m;
   float sum = 0.0f;
   for (int k = 0; k < spans.count; ++k) {
     const int lo = spans.span[k].lo, hi = spans.span[k].hi;
-#pragma omp simd reduction(+ : sum)
-    for (int j = lo; j <= hi; ++j) {
-      float x = row[j] - m;
-      float e = exp_nonpositive(x < 0.0f ? x : 0.0f);  // masked keys may score above the maximum
-      int seen = ((j >= a_lo) & (j <= a_hi)) | ((j >= b_lo) & (j <= b_hi));
-      e = seen ? e : 0.0f;
-      row[j] = e;
-      sum += e;
+    int j = lo;  // columns before j are done
+    for (const Range& seen : {first, second}) {  // first lies before second
+      const int a = std::max(seen.lo, lo), b = std::min(seen.hi, hi);
+      if (a > b) {
+        continue;
+      }
+      std::fill(row + j, row + a, 0.0f);
+      sum += exp_seen(row, a, b, m);
+      j = b + 1;
     }
+    std::fill(row + j, row + hi + 1, 0.0f);
   }
   return sum;
 }
@@ -360,13 +397,9 @@ void product_rows(const float* p, int64_t ldp, int rows, const Spans& spans, con
   }
   for (int k = 0; k < spans.count; ++k) {
     const int lo = spans.span[k].lo, hi = spans.span[k].hi;
-    int r = 0;
-    for (; r + R <= rows; r += R) {
-      product_tile<R, D>(p + r * ldp, ldp, b, D, lo, hi + 1, out + static_cast<int64_t>(r) * D, D);
-    }
-    for (; r < rows; ++r) {
-      product_tile<1, D>(p + r * ldp, ldp, b, D, lo, hi + 1, out + static_cast<int64_t>(r) * D, D);
-    }
+    in_tiles<R>(rows, [&](auto n, int r) {
+      product_tile<decltype(n)::value, D>(p + r * ldp, ldp, b, D, lo, hi + 1, out + static_cast<int64_t>(r) * D, D);
+    });
   }
   if (scale) {
     for (int r = 0; r < rows; ++r) {
@@ -384,13 +417,7 @@ void transposed_rows(const float* p, int64_t ldp, int rows, const Spans& spans, 
   constexpr int R = kProductRows<D>;
   for (int k = 0; k < spans.count; ++k) {
     const Range& c = spans.span[k];
-    int j = c.lo;
-    for (; j + R <= c.hi + 1; j += R) {
-      transposed_tile<R, D>(p, ldp, a, D, 0, rows, j, acc);
-    }
-    for (; j <= c.hi; ++j) {
-      transposed_tile<1, D>(p, ldp, a, D, 0, rows, j, acc);
-    }
+    in_tiles<R>(c.hi - c.lo + 1, [&](auto n, int j) { transposed_tile<decltype(n)::value, D>(p, ldp, a, D, 0, rows, c.lo + j, acc); });
   }
 }
 
@@ -418,7 +445,7 @@ void attention_forward(const Shapes& s, const Mask& m, const float* q, const flo
             Range first, second;
             m.ranges(b, i0 + r, first, second);
             int64_t row = head * s.queries + i0 + r;
-            total[row] = exp_row(scores.data() + r * ldt, spans, first, second, top[row], true);
+            total[row] = exp_row(scores.data() + r * ldt, spans, first, second, top[row]);
             inv[r] = 1.0f / total[row];
           }
           product_rows<D>(scores.data(), ldt, rows, spans, vh, out + (head * s.queries + i0) * D, inv);
@@ -457,6 +484,16 @@ void backward_tiles(const float* q, const float* d_out_scaled, int depth, int ro
         const float* pt = p_tile + i * kTileCols;
         float* w = weights + row * ldt + c;
         float* ds = d_scores + row * ldt + c;
+        if ((a_lo <= 0 && width - 1 <= a_hi) || (b_lo <= 0 && width - 1 <= b_hi)) {  // all seen: no masks
+#pragma omp simd
+          for (int j = 0; j < width; ++j) {
+            float x = st[j] - t;
+            float e = exp_nonpositive(x < 0.0f ? x : 0.0f);  // the forward's maximum, recomputed scores
+            w[j] = e;
+            ds[j] = e * (pt[j] - rd);
+          }
+          continue;
+        }
 #pragma omp simd
         for (int j = 0; j < width; ++j) {
           float x = st[j] - t;
