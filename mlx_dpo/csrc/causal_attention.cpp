@@ -30,8 +30,8 @@ namespace {
 
 // Query rows and key columns per score tile: 6 x 64 accumulators fill 24 AVX-512 registers, and
 // each step of the tile loads 4 vectors of keys and broadcasts 6 query values for 24 fused
-// multiply-adds. 8 x 32 tiles (16 registers) needed 10 loads per 16: on a core whose other
-// hardware thread is busy the loads, not the arithmetic, set their pace (docs/benchmarks.md,
+// multiply-adds. 8 x 32 tiles (16 registers) made 10 loads per 16, and ran ~10% slower in this
+// kernel; much slower in the slow minutes of a machine whose cores are shared (docs/benchmarks.md,
 // session 24).
 constexpr int kTileRows = 6;
 constexpr int kTileCols = 64;
@@ -40,7 +40,7 @@ constexpr int kTileCols = 64;
 // multiple of kTileRows.
 constexpr int kBlockRows = 18;
 
-// Calls tile(std::integral_constant<int, n>{}, i) for consecutive runs [i, i + n) covering [0, count):
+// Calls tile(std::integral_constant<int, n>{}, i) for consecutive runs [i, i + n) that cover [0, count):
 // runs of R while they fit, then of 4, 2 and 1, so that a block's last rows still go through
 // register tiles.
 template <int R, typename Tile>
@@ -100,8 +100,8 @@ inline void score_tile(const float* a, int64_t lda, const float* bt, int64_t ldb
 // Never inlined: inlined into a large caller, GCC has stored every accumulator to the stack on
 // each step of the loop (the forward ran 1.5x slower).
 template <int R>
-[[gnu::noinline]] void score_tile_avx512(const float* a, int64_t lda, const float* bt, int64_t ldb, int depth, float* out,
-                              int64_t ldo, int width) {
+[[gnu::noinline]] void score_tile_avx512(const float* a, int64_t lda, const float* bt, int64_t ldb, int depth,
+                                         float* out, int64_t ldo, int width) {
   constexpr int V = kTileCols / 16;
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r) {
@@ -129,8 +129,8 @@ template <int R>
 
 // out rows (R of D) += sum_j p[r][j] b[j][:] (product) or sum_j p[j][j0 + r] b[j][:] (transposed).
 template <int R, int D, bool Transposed>
-[[gnu::noinline]] void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_t ldb, int from, int to, int j0,
-                             float* out, int64_t ldo) {
+[[gnu::noinline]] void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_t ldb, int from, int to,
+                                        int j0, float* out, int64_t ldo) {
   constexpr int V = D / 16;
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r) {
@@ -177,9 +177,11 @@ void score_rows(const float* a, int64_t lda, int rows, const float* panels, int 
     for (int c = start; c < c1; c += kTileCols) {
       const int width = std::min(kTileCols, c1 - c);
 #if defined(__AVX512F__)
-      score_tile_avx512<decltype(n)::value>(a + r0 * lda, lda, panel(panels, depth, c), kTileCols, depth, out + r0 * ldo + c, ldo, width);
+      score_tile_avx512<decltype(n)::value>(a + r0 * lda, lda, panel(panels, depth, c), kTileCols, depth,
+                                            out + r0 * ldo + c, ldo, width);
 #else
-      score_tile<decltype(n)::value>(a + r0 * lda, lda, panel(panels, depth, c), kTileCols, depth, out + r0 * ldo + c, ldo, width);
+      score_tile<decltype(n)::value>(a + r0 * lda, lda, panel(panels, depth, c), kTileCols, depth, out + r0 * ldo + c,
+                                     ldo, width);
 #endif
     }
   });
@@ -220,7 +222,8 @@ inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t
 #if defined(__AVX512F__)
   if constexpr (D % kSliceWidth<D> == 0) {
     for (int c = 0; c < D; c += kSliceWidth<D>) {
-      rows_tile_avx512<R, kSliceWidth<D>, true>(p, ldp, a + c, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D + c, D);
+      rows_tile_avx512<R, kSliceWidth<D>, true>(p, ldp, a + c, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D + c,
+                                                D);
     }
     return;
   }
@@ -336,7 +339,7 @@ float exp_seen(float* row, int lo, int hi, float top) {
 
 // exp(s - row max) on the row's visible keys and 0 on the rest of the spans, in place; the sum of
 // the exps, the maximum in `top`. The visible ranges and the gaps between them go in separate
-// loops, so that no element pays for a mask (a third of the loop's instructions when it had them).
+// loops, so that no element pays for a mask (about a fifth of the loop's instructions when it had them).
 float exp_row(float* row, const Spans& spans, Range first, Range second, float& top) {
   const float m = std::max(row_max(row, first.lo, first.hi), row_max(row, second.lo, second.hi));
   top = m;
@@ -398,7 +401,8 @@ void product_rows(const float* p, int64_t ldp, int rows, const Spans& spans, con
   for (int k = 0; k < spans.count; ++k) {
     const int lo = spans.span[k].lo, hi = spans.span[k].hi;
     in_tiles<R>(rows, [&](auto n, int r) {
-      product_tile<decltype(n)::value, D>(p + r * ldp, ldp, b, D, lo, hi + 1, out + static_cast<int64_t>(r) * D, D);
+      product_tile<decltype(n)::value, D>(p + r * ldp, ldp, b, D, lo, hi + 1, out + static_cast<int64_t>(r) * D,
+                                          D);
     });
   }
   if (scale) {
@@ -417,7 +421,9 @@ void transposed_rows(const float* p, int64_t ldp, int rows, const Spans& spans, 
   constexpr int R = kProductRows<D>;
   for (int k = 0; k < spans.count; ++k) {
     const Range& c = spans.span[k];
-    in_tiles<R>(c.hi - c.lo + 1, [&](auto n, int j) { transposed_tile<decltype(n)::value, D>(p, ldp, a, D, 0, rows, c.lo + j, acc); });
+    in_tiles<R>(c.hi - c.lo + 1, [&](auto n, int j) {
+      transposed_tile<decltype(n)::value, D>(p, ldp, a, D, 0, rows, c.lo + j, acc);
+    });
   }
 }
 
