@@ -7,7 +7,7 @@ grow with the square of the length.
 
 Where native.py's kernels are built (Linux with a compiler) and the head size is 32, 64 or 128,
 `_native_attention` runs causal and shared-prompt attention in C++ (csrc/causal_attention.cpp):
-each block of 16 query rows is scored only against the keys its rows see, in register tiles; its
+each block of 18 query rows is scored only against the keys its rows see, in register tiles; its
 softmax and normalisation happen on the tiles, and its output is made there. The backward
 recomputes the weights from the queries, the keys and two numbers per row, as flash attention
 does, so nothing (queries x keys) outlives a block. A shared-prompt row (completion.py) is one call:

@@ -345,7 +345,7 @@ NOTES = """Scale: a token's matmul work grows with its context (attention's QK a
 bench's FLOP count per token is given with the goal above), so constant seconds per token up to
 1024 means that the matmul rate rises with the length as fast as that work does; the GFLOP/s
 column shows it. Attention runs in mlx-dpo's C++ kernel (mlx_dpo/cpu_attention.py,
-csrc/causal_attention.cpp): each block of 16 query rows is scored only against the keys it can
+csrc/causal_attention.cpp): each block of 18 query rows is scored only against the keys it can
 see (the shared-prompt row's rejected rows: the prompt's and their own), its softmax taken on the
 tiles, and the backward recomputes the weights, so nothing (queries x keys) is kept at any
 length. See "Where a step's time goes" below.
