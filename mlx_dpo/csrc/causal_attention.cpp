@@ -324,19 +324,6 @@ Spans clipped(const Spans& spans, int lo, int hi) {
   return out;
 }
 
-// exp(s - max) over [lo, hi], where every score is at most the maximum (keys the row sees), in
-// place; the sum of the exps.
-float exp_seen(float* row, int lo, int hi, float top) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = lo; j <= hi; ++j) {
-    float e = exp_nonpositive(row[j] - top);
-    row[j] = e;
-    sum += e;
-  }
-  return sum;
-}
-
 // exp(s - row max) on the row's visible keys and 0 on the rest of the spans, in place; the sum of
 // the exps, the maximum in `top`. The visible ranges and the gaps between them go in separate
 // loops, so that no element pays for a mask (about a fifth of the loop's instructions when it had them).
@@ -353,7 +340,7 @@ float exp_row(float* row, const Spans& spans, Range first, Range second, float& 
         continue;
       }
       std::fill(row + j, row + a, 0.0f);
-      sum += exp_seen(row, a, b, m);
+      sum += exp_shifted(row, row, a, b, m);
       j = b + 1;
     }
     std::fill(row + j, row + hi + 1, 0.0f);

@@ -62,20 +62,26 @@ inline float row_max(const float* x, int lo, int hi) {
   return m;
 }
 
+// exp(s - top) over [lo, hi] into w (s and w may be one buffer), where no score exceeds top (keys
+// the row sees, top their maximum); the sum of the exps.
+inline float exp_shifted(const float* s, float* w, int lo, int hi, float top) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = lo; j <= hi; ++j) {
+    float e = exp_nonpositive(s[j] - top);
+    w[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 // exp(s - max) over the row's visible keys [lo, hi] (s and w may be one buffer), 0 elsewhere; its
 // maximum and sum.
 inline void softmax_row(const float* s, float* w, int lo, int hi, int keys, float& top, float& total) {
   const float m = row_max(s, lo, hi);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = lo; j <= hi; ++j) {
-    float e = exp_nonpositive(s[j] - m);
-    w[j] = e;
-    sum += e;
-  }
+  total = exp_shifted(s, w, lo, hi, m);
   zero_outside(w, lo, hi, keys);
   top = m;
-  total = sum;
 }
 
 }  // namespace mlx_dpo
