@@ -110,6 +110,21 @@ def _preload_blas() -> str:
     return "bundled reference BLAS (slow: install libopenblas0-pthread)"
 
 
+# mallopt(3)'s parameters, as glibc's malloc.h numbers them; a trim threshold of -1 never trims.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+NEVER_TRIM = -1
+
+
+def glibc_mallopt():
+    """glibc's `mallopt(param, value)` through ctypes (nonzero on success), or None on another C library."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return mallopt
+
+
 def _keep_freed_heap() -> str:
     """On glibc, keep freed memory in the heap for the next step's arrays instead of giving it back.
 
@@ -132,13 +147,10 @@ def _keep_freed_heap() -> str:
         return "system default"
     if "GLIBC_TUNABLES" in os.environ or any(key.startswith("MALLOC_") for key in os.environ):
         return "glibc, user settings"
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
+    mallopt = glibc_mallopt()
+    if mallopt is None:
         return "not glibc: default"
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, -1)):  # -1: never trim
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)):
         return "glibc default (mallopt refused)"
     return "glibc, heap kept, no block mapped apart"
 

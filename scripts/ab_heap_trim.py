@@ -15,7 +15,6 @@ Linux with glibc only.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 from pathlib import Path
@@ -25,8 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import base_spec, default_model  # noqa: E402
 from bench_runners import faulted_step, mlx_dpo_lengths  # noqa: E402
 
-M_TRIM_THRESHOLD = -1
-THRESHOLDS = {"A": 2**31 - 1, "B": -1}  # -1: never trim (mallopt(3))
 LENGTHS = (256, 1024)
 
 
@@ -43,10 +40,13 @@ def main() -> None:
     args = parse_args()
     if args.cycles < 2 or args.pairs < 1:
         sys.exit("ab_heap_trim.py: --cycles must be at least 2 (each block's first is not counted), --pairs at least 1")
-    import mlx_dpo  # noqa: F401  (OpenBLAS before mlx; sets mode B)
+    # importing mlx_dpo loads OpenBLAS before mlx and sets mode B
+    from mlx_dpo.hardware import M_TRIM_THRESHOLD, NEVER_TRIM, glibc_mallopt
 
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt = glibc_mallopt()
+    if mallopt is None:
+        sys.exit("ab_heap_trim.py: needs glibc's mallopt")
+    thresholds = {"A": 2**31 - 1, "B": NEVER_TRIM}
     work = Path(args.work)
     model = default_model(work)
     specs = {seq: {**base_spec(work, model, seq, args.batch, 0, 0), "finetune": "lora"} for seq in LENGTHS}
@@ -61,10 +61,10 @@ def main() -> None:
 
     for seq in LENGTHS:  # warm-up: tracing, compilation, buffers
         step(seq, 0)
-    kept = {mode: [] for mode in THRESHOLDS}
+    kept = {mode: [] for mode in thresholds}
     for p in range(args.pairs):
         for mode in ("AB" if p % 2 == 0 else "BA"):
-            if not mallopt(M_TRIM_THRESHOLD, THRESHOLDS[mode]):
+            if not mallopt(M_TRIM_THRESHOLD, thresholds[mode]):
                 sys.exit("mallopt refused the trim threshold (not glibc?)")
             for cycle in range(args.cycles):
                 short, _ = step(LENGTHS[0], cycle)
@@ -75,7 +75,7 @@ def main() -> None:
                       f"({faults} page faults), ratio {long / short:.3f}", flush=True)
     for mode, rows in kept.items():
         short, long, ratio, faults = (statistics.median(r[i] for r in rows) for i in range(4))
-        print(f"{mode} (trim threshold {THRESHOLDS[mode]}), medians of {len(rows)} cycles: {LENGTHS[0]}: {short:.3f}, "
+        print(f"{mode} (trim threshold {thresholds[mode]}), medians of {len(rows)} cycles: {LENGTHS[0]}: {short:.3f}, "
               f"{LENGTHS[1]}: {long:.3f} s per 1k tokens, ratio {ratio:.3f}, {faults:.0f} page faults per long step")
 
 
