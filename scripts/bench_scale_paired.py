@@ -13,8 +13,10 @@ The second step of each two is the one timed (the first shows what a change of l
 buffers of another size, another compiled trace), and a longer length's seconds per 1k tokens is
 divided by the mean of its two neighbours' at the base length. A change in the machine's speed
 that lasts longer than those six steps (~40 s at 1024) cancels in the ratio. Prints, per length,
-the median, min and max of the ratios, its median seconds per 1k tokens and matmul GFLOP/s
-(bench.step_flops) and the change-of-length cost, and writes them to WORK/scale-paired.json.
+the median, min and max of the ratios, a distribution-free confidence interval of at least 90%
+for their median (bench_report.median_interval: with 8 cycles the 2nd and 7th sorted ratios, 93%),
+its median seconds per 1k tokens and matmul GFLOP/s (bench.step_flops) and the change-of-length
+cost, and writes them to WORK/scale-paired.json.
 
     .venv/bin/python scripts/bench_scale_paired.py --cycles 8
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import base_spec, default_model, step_flops  # noqa: E402
+from bench_report import median_interval  # noqa: E402
 from bench_runners import faulted_step, mlx_dpo_lengths, token_counts  # noqa: E402
 
 
@@ -106,13 +109,20 @@ def main() -> None:
         if seq in ratios:
             r = ratios[seq]
             row.update(ratios=r, median_ratio=statistics.median(r), min_ratio=min(r), max_ratio=max(r))
+            interval = median_interval(r)
+            if interval:
+                row.update(interval=interval[:2], interval_coverage=interval[2])
         result["lengths"][str(seq)] = row
         line = (f"seq {seq}: {row['median_s_per_ktoken']:.3f} s per 1k tokens, {row['median_gflops_per_s']:.1f} GFLOP/s, "
                 f"first step after a change of length {row['median_switch_cost']:.3f}x the second, "
                 f"{row['median_page_faults']:.0f} page faults per step")
         if seq in ratios:
             line += (f"; against its neighbours at {base}: median {row['median_ratio']:.3f}x "
-                     f"(min {row['min_ratio']:.3f}x, max {row['max_ratio']:.3f}x, {len(r)} steps)")
+                     f"(min {row['min_ratio']:.3f}x, max {row['max_ratio']:.3f}x, {len(r)} steps")
+            if "interval" in row:
+                low, high = row["interval"]
+                line += f"; {row['interval_coverage']:.0%} interval for the median {low:.3f}x-{high:.3f}x"
+            line += ")"
         print(line)
     (work / "scale-paired.json").write_text(json.dumps(result, indent=2))
 

@@ -100,13 +100,36 @@ def test_scale_goal_follows_the_paired_ratios_when_a_run_has_them():
     report = load_report()
     rows = _scale_rows(s256=4.0, s512=3.6, s1024=3.7)  # 0.90x and 0.93x in separate processes
     over = "\n".join(report.scale_goal(rows, _paired(s512=0.93, s1024=1.08)))
-    assert "1024: 1.08x (its 8 steps 0.98x-1.18x) — **not met**" in over
+    assert "1024: 1.08x (93% interval 1.08x-1.08x; its 8 steps 0.98x-1.18x) — **not met**" in over
     assert "each length in its own process minutes apart: 512: 0.90x, 1024: 0.93x" in over
     assert "**met**" not in over.replace("**not met**", "")
     within = "\n".join(report.scale_goal(_scale_rows(s256=4.0, s512=4.4, s1024=4.6), _paired(s512=0.98, s1024=1.04)))
-    assert "1024: 1.04x" in within and "— **met**" in within
+    assert "1024: 1.04x" in within and "— **met**" in within and "not shown" not in within
     assert "— **met**" in "\n".join(report.scale_goal(rows))  # no paired ratios: the rows' 0.93x decides
     text = report.section({**_run("2026-12-03 06:48", [_bench_row("mlx-dpo-lora", 3.0)], rows),
                            "args": {"rounds": 3, "steps": 3, "warmup": 1, "batch": 2, "seq": 256, "scale": True},
                            "cpus": 2, "matmul_peak_gflops": 260.0, "scale_paired": _paired(s512=0.93, s1024=1.08)})
     assert "`scripts/bench_scale_paired.py --cycles 8`, 2026-12-03 07:27" in text and "1.08x" in text
+
+
+def test_median_interval_takes_the_order_statistics_that_cover_the_median():
+    """With 8 values the 2nd and 7th sorted cover the median with probability 1 - 2 (1 + 8) / 256;
+    the 3rd and 6th would cover only 71%; 4 values cannot reach 90% at all."""
+    report = load_report()
+    low, high, coverage = report.median_interval([8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0])
+    assert (low, high) == (2.0, 7.0) and abs(coverage - (1 - 2 * 9 / 256)) < 1e-12
+    assert report.median_interval([float(i) for i in range(16)])[:2] == (4.0, 11.0)  # 92%: the 5th and 12th
+    assert report.median_interval([1.0, 2.0, 3.0, 4.0]) is None and report.median_interval([]) is None
+
+
+def test_scale_goal_is_not_decided_by_a_median_whose_interval_holds_1_05():
+    """Session 24's runs: medians of 1.02x to 1.06x from ratios spread by +-15%, on either side of
+    the 5% bound by chance. A median under 1.05 is not enough: the goal reads met only when the
+    interval lies below it, and says when a run decided nothing."""
+    report = load_report()
+    rows = _scale_rows(s256=4.0, s512=4.0, s1024=4.0)
+    spread = _paired(s512=0.98, s1024=1.02)
+    spread["lengths"]["1024"]["ratios"] = [1.02, 1.024, 0.968, 0.938, 1.011, 1.188, 1.323, 1.235]  # 17:51's
+    text = "\n".join(report.scale_goal(rows, spread))
+    assert "93% interval 0.97x-1.24x" in text
+    assert "— **not met** (not shown: 1.05 lies inside an interval" in text
