@@ -269,7 +269,7 @@ def _plot_paired(ax, paired: dict, rows: list[dict], batch: int) -> None:
     low = [0.0] + [m - b[0] for m, b in zip(medians[1:], bounds)]
     high = [0.0] + [b[1] - m for m, b in zip(medians[1:], bounds)]
     ax.errorbar(seqs, medians, yerr=[low, high], fmt="o-", color="tab:green", capsize=4,
-                label=f"neighbouring steps, one process, batch {batch} (median, its ~90% interval)")
+                label=f"neighbouring steps, one process, batch {batch} (median, its >= 90% interval)")
     base = rows[0]["s_per_ktoken"]
     ax.plot([r["seq"] for r in rows], [r["s_per_ktoken"] / base for r in rows], "s", mfc="none", color="tab:gray",
             label="each length in its own process, batch 2")
