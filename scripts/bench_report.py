@@ -84,17 +84,14 @@ def scale_goal(scale: list[dict], paired: Optional[dict] = None) -> list[str]:
     goal = "- step cost no worse than linear in tokens up to 1024 (seconds per 1k tokens within 5% of seq 256's at every length)"
     longer = _paired_ratios(paired)
     if paired and paired.get("base") == 256 and 1024 in longer:
-        intervals = {seq: median_interval(row["ratios"]) for seq, row in longer.items()}
-        # a length without an interval (too few steps) counts by its whole range
-        bounds = [iv[:2] if iv else (row["min_ratio"], row["max_ratio"]) for iv, row in
-                  zip(intervals.values(), longer.values())]
+        bounds = [_median_bounds(row) for row in longer.values()]
         if max(high for _, high in bounds) <= 1.05:
             ok = verdict(True)
         elif max(low for low, _ in bounds) > 1.05:
             ok = verdict(False)
         else:
             ok = verdict(False) + " (not shown: 1.05 lies inside an interval, so this run has not decided it)"
-        each_paired = ", ".join(f"{seq}: {row['median_ratio']:.2f}x ({_interval_text(intervals[seq])}; "
+        each_paired = ", ".join(f"{seq}: {row['median_ratio']:.2f}x ({_interval_text(row['median_interval'])}; "
                                 f"its {len(row['ratios'])} steps {row['min_ratio']:.2f}x-{row['max_ratio']:.2f}x)"
                                 for seq, row in sorted(longer.items()))
         lines = [f"{goal}, as the median ratio of each longer step to its neighbouring seq-256 steps in one process, "
@@ -121,9 +118,17 @@ def _interval_text(interval: Optional[tuple[float, float, float]]) -> str:
     return f"{coverage:.0%} interval {low:.2f}x-{high:.2f}x"
 
 
+def _median_bounds(row: dict) -> tuple[float, float]:
+    """A paired length's median interval, or its whole range where it has too few steps for one."""
+    interval = row["median_interval"]
+    return interval[:2] if interval else (row["min_ratio"], row["max_ratio"])
+
+
 def _paired_ratios(paired: Optional[dict]) -> dict[int, dict]:
-    """bench_scale_paired.py's longer lengths, each with its ratios to the base length."""
-    return {int(seq): row for seq, row in (paired or {}).get("lengths", {}).items() if "median_ratio" in row}
+    """bench_scale_paired.py's longer lengths, each with its ratios to the base length and their
+    `median_interval` (taken here, so that results written before it existed read the same)."""
+    return {int(seq): {**row, "median_interval": median_interval(row["ratios"])}
+            for seq, row in (paired or {}).get("lengths", {}).items() if "median_ratio" in row}
 
 
 def one_epoch_lines(results: dict) -> list[str]:
@@ -264,8 +269,7 @@ def _plot_paired(ax, paired: dict, rows: list[dict], batch: int) -> None:
     interval, else the range), the per-process scale rows, and the goal's 1.05 line."""
     seqs = [256, *sorted(paired)]
     medians = [1.0] + [paired[s]["median_ratio"] for s in seqs[1:]]
-    bounds = [median_interval(paired[s]["ratios"]) or (paired[s]["min_ratio"], paired[s]["max_ratio"])
-              for s in seqs[1:]]
+    bounds = [_median_bounds(paired[s]) for s in seqs[1:]]
     low = [0.0] + [m - b[0] for m, b in zip(medians[1:], bounds)]
     high = [0.0] + [b[1] - m for m, b in zip(medians[1:], bounds)]
     ax.errorbar(seqs, medians, yerr=[low, high], fmt="o-", color="tab:green", capsize=4,
