@@ -5,6 +5,7 @@ with a reason instead of failing."""
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import sys
 import time
@@ -352,12 +353,14 @@ def test_guarded_update_takes_the_same_steps_through_the_fused_adamw(monkeypatch
 
 
 @needs_build
-def test_the_portable_build_without_avx512_computes_the_same_attention_and_lora(monkeypatch, tmp_path):
-    """Machines without AVX-512 compile the kernels' plain C++ tiles: build them so here (extra
-    compiler flags through MLX_DPO_NATIVE_CXXFLAGS) and check them against the masked softmax and
-    LoRA's formulas."""
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 instruction-set flags")
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"], ids=["avx2-tiles", "plain-c++"])
+def test_builds_without_avx512_compute_the_same_attention_and_lora(flags, monkeypatch, tmp_path):
+    """x86 machines without AVX-512 compile the attention's register tiles in AVX2 (csrc/simd.h),
+    and machines with neither the kernels' plain C++ tiles: build them so here (extra compiler flags
+    through MLX_DPO_NATIVE_CXXFLAGS) and check them against the masked softmax and LoRA's formulas."""
     monkeypatch.setenv("MLX_DPO_NATIVE_DIR", str(tmp_path))
-    monkeypatch.setenv("MLX_DPO_NATIVE_CXXFLAGS", "-mno-avx512f")
+    monkeypatch.setenv("MLX_DPO_NATIVE_CXXFLAGS", flags)
     portable = native._import(native.build(quiet=True))
     b, heads, kv_heads, t, d = 2, 4, 2, 37, 64
     keys = [mx.random.key(i) for i in range(30, 34)]

@@ -16,13 +16,10 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include <nanobind/stl/tuple.h>
 
 #include "causal_rows.h"
+#include "simd.h"
 
 namespace mlx_dpo {
 
@@ -95,65 +92,74 @@ inline void score_tile(const float* a, int64_t lda, const float* bt, int64_t ldb
   }
 }
 
-#if defined(__AVX512F__)
-// The same tiles in AVX-512 registers (GCC keeps the portable versions' accumulators on the stack).
-// Never inlined: inlined into a large caller, GCC has stored every accumulator to the stack on
-// each step of the loop (the forward ran 1.5x slower).
+#if defined(MLX_DPO_SIMD_TILES)
+// The same tiles in vector registers (simd.h; GCC keeps the portable versions' accumulators on the
+// stack). Never inlined: inlined into a large caller, GCC has stored every accumulator to the stack
+// on each step of the loop (the forward ran 1.5x slower).
+//
+// Scores: R rows x kTileCols columns, as register tiles of R x simd::kTileWidth (one tile on
+// AVX-512; four on AVX2, each reading its 16 columns of the panel). Tiles wholly past `width` are
+// skipped.
 template <int R>
-[[gnu::noinline]] void score_tile_avx512(const float* a, int64_t lda, const float* bt, int64_t ldb, int depth,
-                                         float* out, int64_t ldo, int width) {
-  constexpr int V = kTileCols / 16;
-  __m512 acc[R][V];
-  for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < V; ++u) acc[r][u] = _mm512_setzero_ps();
-  }
-  for (int k = 0; k < depth; ++k) {
-    const float* b = bt + k * ldb;
-    __m512 bv[V];
-    for (int u = 0; u < V; ++u) bv[u] = _mm512_loadu_ps(b + 16 * u);
+[[gnu::noinline]] void score_tile_simd(const float* a, int64_t lda, const float* bt, int64_t ldb, int depth, float* out,
+                                       int64_t ldo, int width) {
+  using simd::Vec;
+  constexpr int V = simd::kTileVectors, W = simd::kTileWidth;
+  for (int c0 = 0; c0 < width; c0 += W) {
+    Vec acc[R][V];
     for (int r = 0; r < R; ++r) {
-      __m512 x = _mm512_set1_ps(a[r * lda + k]);
-      for (int u = 0; u < V; ++u) acc[r][u] = _mm512_fmadd_ps(x, bv[u], acc[r][u]);
+      for (int u = 0; u < V; ++u) acc[r][u] = simd::zero();
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    if (width == kTileCols) {
-      for (int u = 0; u < V; ++u) _mm512_storeu_ps(out + r * ldo + 16 * u, acc[r][u]);
-    } else {
-      alignas(64) float row[kTileCols];
-      for (int u = 0; u < V; ++u) _mm512_store_ps(row + 16 * u, acc[r][u]);
-      std::memcpy(out + r * ldo, row, sizeof(float) * width);
+    for (int k = 0; k < depth; ++k) {
+      const float* b = bt + k * ldb + c0;
+      Vec bv[V];
+      for (int u = 0; u < V; ++u) bv[u] = simd::load(b + simd::kLanes * u);
+      for (int r = 0; r < R; ++r) {
+        Vec x = simd::broadcast(a[r * lda + k]);
+        for (int u = 0; u < V; ++u) acc[r][u] = simd::fmadd(x, bv[u], acc[r][u]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float* o = out + r * ldo + c0;
+      if (c0 + W <= width) {
+        for (int u = 0; u < V; ++u) simd::store(o + simd::kLanes * u, acc[r][u]);
+      } else {
+        alignas(64) float row[W];
+        for (int u = 0; u < V; ++u) simd::store(row + simd::kLanes * u, acc[r][u]);
+        std::memcpy(o, row, sizeof(float) * (width - c0));
+      }
     }
   }
 }
 
-// out rows (R of D) += sum_j p[r][j] b[j][:] (product) or sum_j p[j][j0 + r] b[j][:] (transposed).
-template <int R, int D, bool Transposed>
-[[gnu::noinline]] void rows_tile_avx512(const float* p, int64_t ldp, const float* b, int64_t ldb, int from, int to,
-                                        int j0, float* out, int64_t ldo) {
-  constexpr int V = D / 16;
-  __m512 acc[R][V];
+// out rows (R of W) += sum_j p[r][j] b[j][:] (product) or sum_j p[j][j0 + r] b[j][:] (transposed).
+template <int R, int W, bool Transposed>
+[[gnu::noinline]] void rows_tile_simd(const float* p, int64_t ldp, const float* b, int64_t ldb, int from, int to, int j0,
+                                      float* out, int64_t ldo) {
+  using simd::Vec;
+  constexpr int V = W / simd::kLanes;
+  Vec acc[R][V];
   for (int r = 0; r < R; ++r) {
     for (int u = 0; u < V; ++u) {
-      acc[r][u] = _mm512_loadu_ps(out + r * ldo + u * 16);
+      acc[r][u] = simd::load(out + r * ldo + u * simd::kLanes);
     }
   }
   for (int j = from; j < to; ++j) {
     const float* bj = b + j * ldb;
-    __m512 bv[V];
+    Vec bv[V];
     for (int u = 0; u < V; ++u) {
-      bv[u] = _mm512_loadu_ps(bj + u * 16);
+      bv[u] = simd::load(bj + u * simd::kLanes);
     }
     for (int r = 0; r < R; ++r) {
-      __m512 x = _mm512_set1_ps(Transposed ? p[j * ldp + j0 + r] : p[r * ldp + j]);
+      Vec x = simd::broadcast(Transposed ? p[j * ldp + j0 + r] : p[r * ldp + j]);
       for (int u = 0; u < V; ++u) {
-        acc[r][u] = _mm512_fmadd_ps(x, bv[u], acc[r][u]);
+        acc[r][u] = simd::fmadd(x, bv[u], acc[r][u]);
       }
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int u = 0; u < V; ++u) {
-      _mm512_storeu_ps(out + r * ldo + u * 16, acc[r][u]);
+      simd::store(out + r * ldo + u * simd::kLanes, acc[r][u]);
     }
   }
 }
@@ -176,8 +182,8 @@ void score_rows(const float* a, int64_t lda, int rows, const float* panels, int 
   in_tiles<kTileRows>(rows, [&](auto n, int r0) {
     for (int c = start; c < c1; c += kTileCols) {
       const int width = std::min(kTileCols, c1 - c);
-#if defined(__AVX512F__)
-      score_tile_avx512<decltype(n)::value>(a + r0 * lda, lda, panel(panels, depth, c), kTileCols, depth,
+#if defined(MLX_DPO_SIMD_TILES)
+      score_tile_simd<decltype(n)::value>(a + r0 * lda, lda, panel(panels, depth, c), kTileCols, depth,
                                             out + r0 * ldo + c, ldo, width);
 #else
       score_tile<decltype(n)::value>(a + r0 * lda, lda, panel(panels, depth, c), kTileCols, depth, out + r0 * ldo + c,
@@ -187,20 +193,22 @@ void score_rows(const float* a, int64_t lda, int rows, const float* panels, int 
   });
 }
 
-// Columns of the products' AVX-512 tiles: 4 registers per row at head size 64 or more (then 6 rows
-// per tile, as the score tiles: each row of b serves 6 rows of p per load, and p is read once per 64
-// columns), 2 registers per row at head size 32 (then 8 rows).
+#if defined(MLX_DPO_SIMD_TILES)
+// Columns of the products' register tiles: simd::kTileWidth where the head size is a multiple of it
+// (AVX-512: 64 columns, AVX2: 16; then 6 rows per tile, as the score tiles: each row of b serves 6
+// rows of p per load), else 2 vectors per row (AVX-512 at head size 32; then 8 rows).
 template <int D>
-constexpr int kSliceWidth = D % 64 == 0 ? 64 : 32;
+constexpr int kSliceWidth = D % simd::kTileWidth == 0 ? simd::kTileWidth : 2 * simd::kLanes;
+#endif
 
 // out[r][:] += sum_{j in [j0, j1)} p[r][j] * b[j][:] for R rows of size D.
 template <int R, int D>
 inline void product_tile(const float* p, int64_t ldp, const float* b, int64_t ldb, int j0, int j1, float* out,
                          int64_t ldo) {
-#if defined(__AVX512F__)
+#if defined(MLX_DPO_SIMD_TILES)
   if constexpr (D % kSliceWidth<D> == 0) {
     for (int c = 0; c < D; c += kSliceWidth<D>) {
-      rows_tile_avx512<R, kSliceWidth<D>, false>(p, ldp, b + c, ldb, j0, j1, 0, out + c, ldo);
+      rows_tile_simd<R, kSliceWidth<D>, false>(p, ldp, b + c, ldb, j0, j1, 0, out + c, ldo);
     }
     return;
   }
@@ -219,10 +227,10 @@ inline void product_tile(const float* p, int64_t ldp, const float* b, int64_t ld
 template <int R, int D>
 inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t lda, int i0, int i1, int j0,
                             float* out) {
-#if defined(__AVX512F__)
+#if defined(MLX_DPO_SIMD_TILES)
   if constexpr (D % kSliceWidth<D> == 0) {
     for (int c = 0; c < D; c += kSliceWidth<D>) {
-      rows_tile_avx512<R, kSliceWidth<D>, true>(p, ldp, a + c, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D + c,
+      rows_tile_simd<R, kSliceWidth<D>, true>(p, ldp, a + c, lda, i0, i1, j0, out + static_cast<int64_t>(j0) * D + c,
                                                 D);
     }
     return;
@@ -244,13 +252,14 @@ inline void transposed_tile(const float* p, int64_t ldp, const float* a, int64_t
   std::memcpy(out + static_cast<int64_t>(j0) * D, acc, sizeof(acc));
 }
 
-// Rows per register tile of the products: with AVX-512, 6 rows of a 64-column slice (24 registers of
-// accumulators) or 8 of a 32-column one (16); in plain C++, as many whole rows of D as 16 registers hold.
+// Rows per register tile of the products: 6 rows of a simd::kTileWidth slice (AVX-512: 24 registers of
+// accumulators, AVX2: 12) or 8 of a 2-vector one (AVX-512 at head size 32: 16); in plain C++, as many
+// whole rows of D as 16 registers hold.
 template <int D>
 constexpr int kWholeRows = 1024 / (4 * D) < 1 ? 1 : 1024 / (4 * D);
-#if defined(__AVX512F__)
+#if defined(MLX_DPO_SIMD_TILES)
 template <int D>
-constexpr int kProductRows = kSliceWidth<D> == 64 ? 6 : 8;
+constexpr int kProductRows = kSliceWidth<D> == simd::kTileWidth ? 6 : 8;
 #else
 template <int D>
 constexpr int kProductRows = kWholeRows<D>;

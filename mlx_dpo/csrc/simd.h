@@ -1,0 +1,43 @@
+// The vector registers that the kernels' register tiles are written in: AVX-512 (16 floats, 32
+// registers) or, on x86 machines without it, AVX2 with FMA (8 floats, 16 registers). Elsewhere
+// (ARM, or a build with neither) MLX_DPO_SIMD_TILES stays undefined and the kernels use their
+// plain C++ tiles, which GCC vectorises but whose accumulators it keeps on the stack.
+//
+// The tiles are written once, in these few operations, with a row of kTileVectors vectors per tile
+// row: 6 rows x 4 AVX-512 vectors (64 floats, 24 accumulators), or 6 rows x 2 AVX2 vectors (16
+// floats, 12 accumulators, leaving registers for the 2 loaded vectors and the broadcast).
+#pragma once
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+
+#define MLX_DPO_SIMD_TILES 1
+
+namespace mlx_dpo::simd {
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kLanes = 16;
+constexpr int kTileVectors = 4;
+[[gnu::always_inline]] inline Vec zero() { return _mm512_setzero_ps(); }
+[[gnu::always_inline]] inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+[[gnu::always_inline]] inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+[[gnu::always_inline]] inline Vec broadcast(float x) { return _mm512_set1_ps(x); }
+[[gnu::always_inline]] inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+#else
+using Vec = __m256;
+constexpr int kLanes = 8;
+constexpr int kTileVectors = 2;
+[[gnu::always_inline]] inline Vec zero() { return _mm256_setzero_ps(); }
+[[gnu::always_inline]] inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+[[gnu::always_inline]] inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+[[gnu::always_inline]] inline Vec broadcast(float x) { return _mm256_set1_ps(x); }
+[[gnu::always_inline]] inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+#endif
+
+// Floats per register-tile row.
+constexpr int kTileWidth = kTileVectors * kLanes;
+
+}  // namespace mlx_dpo::simd
+
+#endif
