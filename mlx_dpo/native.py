@@ -101,9 +101,7 @@ def build(quiet: bool = False) -> Path:
     import mlx.core as mx
 
     nanobind_dir = _nanobind_dir()
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
+    compiler = _compiler()
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     mlx_dir = Path(mx.__file__).resolve().parent  # the library links to this MLX by its path
     flags = _flags()
@@ -124,10 +122,7 @@ def build(quiet: bool = False) -> Path:
         if not quiet:
             print("mlx-dpo: compiling its C++ CPU kernels for this machine (once, ~10-30 s)...", file=sys.stderr, flush=True)
         partial = out_dir / f"{MODULE}.partial{suffix}"
-        command = [compiler, *flags,
-                   f"-I{nanobind_dir / 'include'}", f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
-                   f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
-                   str(nanobind_dir / "src" / "nb_combined.cpp"), *map(str, _sources()), "-o", str(partial),
+        command = [*compile_command([nanobind_dir / "src" / "nb_combined.cpp", *_sources()], partial),
                    f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -162,6 +157,26 @@ def _prune_stale_builds(root: Path, keep: Path) -> None:
             with contextlib.suppress(OSError):
                 if marker.stat().st_mtime < cutoff:
                     shutil.rmtree(build_dir)
+
+
+def compile_command(sources: list[Path], output: Path, flags: Optional[list[str]] = None) -> list[str]:
+    """The compiler's command line for `sources` with the module's include paths and flags (by
+    default _flags(); tests pass `-c` and report options to see what the compiler made of a file)."""
+    import mlx.core as mx
+
+    nanobind_dir = _nanobind_dir()
+    mlx_dir = Path(mx.__file__).resolve().parent
+    return [_compiler(), *(_flags() if flags is None else flags),
+            f"-I{nanobind_dir / 'include'}", f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
+            f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
+            *map(str, sources), "-o", str(output)]
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    return compiler
 
 
 def _flags() -> list[str]:
