@@ -15,13 +15,10 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include <nanobind/stl/tuple.h>
 
 #include "common.h"
+#include "simd.h"
 
 namespace mlx_dpo {
 
@@ -29,54 +26,48 @@ namespace {
 
 constexpr int kRows = 8;  // rows per block: their rank-r values are made and used while the rows are in cache
 
-#if defined(__AVX512F__)
+#if defined(MLX_DPO_SIMD_TILES)
 // low[i][j] = scale * sum_k x[i][k] mt[j][k] for `rows` rows: P rows x R columns of dot products
-// at a time, along the depth in 16 lanes (mt is (R, depth)); a horizontal sum per product at the end.
+// at a time, along the depth in vectors (mt is (R, depth)); a horizontal sum per product at the end.
 template <int R>
 inline void rank_dots(const float* x, int64_t ldx, int rows, const float* mt, int depth, float scale,
                       float (&low)[kRows][R]) {
-  constexpr int P = R >= 16 ? 1 : 16 / R;  // 16 accumulators up to rank 16
-  const __mmask16 tail = static_cast<__mmask16>((1u << (depth % 16)) - 1);
+  using simd::Vec;
+  constexpr int L = simd::kLanes, kAccumulators = simd::kRegisters / 2;
+  constexpr int P = R >= kAccumulators ? 1 : kAccumulators / R;  // half the registers up to that rank
+  const int tail = depth % L;
   for (int i0 = 0; i0 < rows; i0 += P) {
     const int n = std::min(P, rows - i0);
-    __m512 acc[P][R];
+    Vec acc[P][R];
 #pragma GCC unroll 16
     for (int i = 0; i < P; ++i) {
 #pragma GCC unroll 16
       for (int j = 0; j < R; ++j) {
-        acc[i][j] = _mm512_setzero_ps();
+        acc[i][j] = simd::zero();
       }
     }
+    // One step of `width` lanes at k: a full vector, or the depth's last `tail` floats.
+    auto step = [&](int k, auto load) {
+      Vec xv[P];
+#pragma GCC unroll 16
+      for (int i = 0; i < P; ++i) {
+        xv[i] = i < n ? load(x + (i0 + i) * ldx + k) : simd::zero();
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) {
+        const Vec m = load(mt + static_cast<int64_t>(j) * depth + k);
+#pragma GCC unroll 16
+        for (int i = 0; i < P; ++i) {
+          acc[i][j] = simd::fmadd(xv[i], m, acc[i][j]);
+        }
+      }
+    };
     int k = 0;
-    for (; k + 16 <= depth; k += 16) {
-      __m512 xv[P];
-#pragma GCC unroll 16
-      for (int i = 0; i < P; ++i) {
-        xv[i] = i < n ? _mm512_loadu_ps(x + (i0 + i) * ldx + k) : _mm512_setzero_ps();
-      }
-#pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) {
-        const __m512 m = _mm512_loadu_ps(mt + static_cast<int64_t>(j) * depth + k);
-#pragma GCC unroll 16
-        for (int i = 0; i < P; ++i) {
-          acc[i][j] = _mm512_fmadd_ps(xv[i], m, acc[i][j]);
-        }
-      }
+    for (; k + L <= depth; k += L) {
+      step(k, [](const float* p) { return simd::load(p); });
     }
-    if (k < depth) {
-      __m512 xv[P];
-#pragma GCC unroll 16
-      for (int i = 0; i < P; ++i) {
-        xv[i] = i < n ? _mm512_maskz_loadu_ps(tail, x + (i0 + i) * ldx + k) : _mm512_setzero_ps();
-      }
-#pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) {
-        const __m512 m = _mm512_maskz_loadu_ps(tail, mt + static_cast<int64_t>(j) * depth + k);
-#pragma GCC unroll 16
-        for (int i = 0; i < P; ++i) {
-          acc[i][j] = _mm512_fmadd_ps(xv[i], m, acc[i][j]);
-        }
-      }
+    if (tail) {
+      step(k, [tail](const float* p) { return simd::load_first(p, tail); });
     }
     // Constant indices only, so that the accumulators stay in registers.
 #pragma GCC unroll 16
@@ -84,7 +75,7 @@ inline void rank_dots(const float* x, int64_t ldx, int rows, const float* mt, in
 #pragma GCC unroll 16
       for (int j = 0; j < R; ++j) {
         if (i < n) {
-          low[i0 + i][j] = scale * _mm512_reduce_add_ps(acc[i][j]);
+          low[i0 + i][j] = scale * simd::sum(acc[i][j]);
         }
       }
     }
@@ -94,18 +85,23 @@ inline void rank_dots(const float* x, int64_t ldx, int rows, const float* mt, in
 // out[i][c] = sum_j low[i][j] m[j][c] over `width` columns (m is (R, width)), for `rows` rows of ld.
 template <int R>
 inline void rank_rows(const float (&low)[kRows][R], int rows, const float* m, int width, float* out, int64_t ld) {
-  const __mmask16 tail = static_cast<__mmask16>((1u << (width % 16)) - 1);
+  using simd::Vec;
+  constexpr int L = simd::kLanes;
   for (int i = 0; i < rows; ++i) {
     float* row = out + i * ld;
-    for (int c = 0; c < width; c += 16) {
-      const __mmask16 mask = c + 16 <= width ? static_cast<__mmask16>(0xffff) : tail;
-      __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < width; c += L) {
+      const int n = std::min(L, width - c);
+      Vec acc = simd::zero();
 #pragma GCC unroll 16
       for (int j = 0; j < R; ++j) {
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(low[i][j]), _mm512_maskz_loadu_ps(mask, m + static_cast<int64_t>(j) * width + c),
-                              acc);
+        const float* mj = m + static_cast<int64_t>(j) * width + c;
+        acc = simd::fmadd(simd::broadcast(low[i][j]), n == L ? simd::load(mj) : simd::load_first(mj, n), acc);
       }
-      _mm512_mask_storeu_ps(row + c, mask, acc);
+      if (n == L) {
+        simd::store(row + c, acc);
+      } else {
+        simd::store_first(row + c, acc, n);
+      }
     }
   }
 }
@@ -113,23 +109,28 @@ inline void rank_rows(const float (&low)[kRows][R], int rows, const float* m, in
 // acc[j][c] += sum_i low[i][j] x[i][c]: an (R x width) gradient over a block of rows.
 template <int R>
 inline void add_outer(const float (&low)[kRows][R], int rows, const float* x, int64_t ldx, int width, float* acc) {
-  const __mmask16 tail = static_cast<__mmask16>((1u << (width % 16)) - 1);
-  for (int c = 0; c < width; c += 16) {
-    const __mmask16 mask = c + 16 <= width ? static_cast<__mmask16>(0xffff) : tail;
-    __m512 xv[kRows];
+  using simd::Vec;
+  constexpr int L = simd::kLanes;
+  for (int c = 0; c < width; c += L) {
+    const int n = std::min(L, width - c);
+    Vec xv[kRows];
 #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) {
-      xv[i] = i < rows ? _mm512_maskz_loadu_ps(mask, x + i * ldx + c) : _mm512_setzero_ps();
+      xv[i] = i >= rows ? simd::zero() : n == L ? simd::load(x + i * ldx + c) : simd::load_first(x + i * ldx + c, n);
     }
 #pragma GCC unroll 16
     for (int j = 0; j < R; ++j) {
       float* aj = acc + static_cast<int64_t>(j) * width + c;
-      __m512 s = _mm512_maskz_loadu_ps(mask, aj);
+      Vec s = n == L ? simd::load(aj) : simd::load_first(aj, n);
 #pragma GCC unroll 16
       for (int i = 0; i < kRows; ++i) {
-        s = _mm512_fmadd_ps(_mm512_set1_ps(low[i][j]), xv[i], s);
+        s = simd::fmadd(simd::broadcast(low[i][j]), xv[i], s);
       }
-      _mm512_mask_storeu_ps(aj, mask, s);
+      if (n == L) {
+        simd::store(aj, s);
+      } else {
+        simd::store_first(aj, s, n);
+      }
     }
   }
 }
