@@ -93,7 +93,8 @@ def _load() -> tuple[Optional[ModuleType], str]:
     core = module.frozen_kernels()
     panels = (f"frozen panels on OpenBLAS's {core} micro-kernel" if core
               else "no frozen panels (OpenBLAS's micro-kernel not found)")
-    return module, f"built: attention, RMSNorm, SwiGLU, RoPE, the head's softmax, LoRA, AdamW; {panels} ({path})"
+    return module, (f"built: attention, RMSNorm, SwiGLU, RoPE, the head's softmax, LoRA, AdamW; "
+                    f"register tiles in {module.vector_tiles}; {panels} ({path})")
 
 
 def build(quiet: bool = False) -> Path:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,6 +366,9 @@ def test_builds_without_avx512_compute_the_same_attention_and_lora(flags, monkey
     monkeypatch.setenv("MLX_DPO_NATIVE_DIR", str(tmp_path))
     monkeypatch.setenv("MLX_DPO_NATIVE_CXXFLAGS", flags)
     portable = native._import(native.build(quiet=True))
+    cpu_flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+    avx2 = {"avx2", "fma"} <= cpu_flags and "-mno-avx2" not in flags
+    assert portable.vector_tiles == ("AVX2" if avx2 else "plain C++")  # the tiles the build was meant to take
     b, heads, kv_heads, t, d = 2, 4, 2, 37, 64
     keys = [mx.random.key(i) for i in range(30, 34)]
     q = mx.random.normal((b, heads, t, d), key=keys[0])

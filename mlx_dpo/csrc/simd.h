@@ -16,6 +16,7 @@
 namespace mlx_dpo::simd {
 
 #if defined(__AVX512F__)
+constexpr const char* kName = "AVX-512";
 using Vec = __m512;
 constexpr int kLanes = 16;
 constexpr int kRegisters = 32;
@@ -34,6 +35,7 @@ constexpr int kTileVectors = 4;
 }
 [[gnu::always_inline]] inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
 #else
+constexpr const char* kName = "AVX2";
 using Vec = __m256;
 constexpr int kLanes = 8;
 constexpr int kRegisters = 16;
