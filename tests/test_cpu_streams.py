@@ -14,6 +14,7 @@ from mlx_dpo.data.batching import collate, split_pairs
 from mlx_dpo.data.tokenize import EncodedPair
 from mlx_dpo.engines.cpu_streams import alternating_leaves
 from mlx_dpo.engines.mlx_engine import MLXEngine
+from mlx_dpo.engines.mlx_fast import added
 
 
 def _pairs(n: int, seed: int = 0) -> list[EncodedPair]:
@@ -47,22 +48,33 @@ def test_parts_are_handed_to_eval_leaf_by_leaf_in_turn():
     assert [int(v) for v in alternating_leaves([a])] == [1, 2, 3]
 
 
+def _assert_same_gradients(split_engine, whole_engine):
+    """Gradients from equal weights (the streams' parts added): equal up to summation order."""
+    split, whole = (dict(tree_flatten(added(e._grads))) for e in (split_engine, whole_engine))
+    for name, value in whole.items():
+        scale = float(mx.abs(value).max())
+        np.testing.assert_allclose(np.array(split[name]), np.array(value), rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_two_streams_train_like_one(make_config, finetune):
     batch = collate(_pairs(4, seed=1), pad_id=2)
     engines = [MLXEngine(make_config(**{"model.finetune": finetune, "compute.cpu_streams": n})) for n in (2, 1)]
     assert len(engines[0].cpu_streams.split(batch)) == 2 and len(engines[1].cpu_streams.split(batch)) == 1
-    for _ in range(3):
+    for step in range(3):
         stats = [e.forward_backward(batch, 4) for e in engines]
         for key in stats[1]:
             assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-5, abs=1e-5), key
+        if step == 0:  # later steps start from weights that Adam has moved apart a little (below)
+            _assert_same_gradients(*engines)
         norms = [e.apply_update(1e-3)[0] for e in engines]
         assert norms[0] == pytest.approx(norms[1], rel=1e-5)
     split, whole = (dict(tree_flatten(e.models.policy.trainable_parameters())) for e in engines)
-    # Adam divides by sqrt(v): where a gradient is ~0, summation-order rounding moves a weight by a
-    # few 1e-6 (each step moves weights by up to lr = 1e-3).
+    # Adam divides by sqrt(v), and its first step moves every weight by lr (1e-3) whatever the size
+    # of its gradient: where a gradient is ~0, summation-order rounding can move a weight by a few
+    # percent of lr (1.4e-5 for one LoRA B element of 256 with the AVX2 LoRA kernels).
     for name, value in whole.items():
-        np.testing.assert_allclose(np.array(split[name]), np.array(value), rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.array(split[name]), np.array(value), rtol=1e-4, atol=3e-5, err_msg=name)
     assert int(np.array(engines[0].optimizer.state["step"])) == 3
 
 
