@@ -95,13 +95,9 @@ inline void rank_rows(const float (&low)[kRows][R], int rows, const float* m, in
 #pragma GCC unroll 16
       for (int j = 0; j < R; ++j) {
         const float* mj = m + static_cast<int64_t>(j) * width + c;
-        acc = simd::fmadd(simd::broadcast(low[i][j]), n == L ? simd::load(mj) : simd::load_first(mj, n), acc);
+        acc = simd::fmadd(simd::broadcast(low[i][j]), simd::load_first(mj, n), acc);
       }
-      if (n == L) {
-        simd::store(row + c, acc);
-      } else {
-        simd::store_first(row + c, acc, n);
-      }
+      simd::store_first(row + c, acc, n);
     }
   }
 }
@@ -116,21 +112,17 @@ inline void add_outer(const float (&low)[kRows][R], int rows, const float* x, in
     Vec xv[kRows];
 #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) {
-      xv[i] = i >= rows ? simd::zero() : n == L ? simd::load(x + i * ldx + c) : simd::load_first(x + i * ldx + c, n);
+      xv[i] = i < rows ? simd::load_first(x + i * ldx + c, n) : simd::zero();
     }
 #pragma GCC unroll 16
     for (int j = 0; j < R; ++j) {
       float* aj = acc + static_cast<int64_t>(j) * width + c;
-      Vec s = n == L ? simd::load(aj) : simd::load_first(aj, n);
+      Vec s = simd::load_first(aj, n);
 #pragma GCC unroll 16
       for (int i = 0; i < kRows; ++i) {
         s = simd::fmadd(simd::broadcast(low[i][j]), xv[i], s);
       }
-      if (n == L) {
-        simd::store(aj, s);
-      } else {
-        simd::store_first(aj, s, n);
-      }
+      simd::store_first(aj, s, n);
     }
   }
 }

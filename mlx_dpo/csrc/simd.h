@@ -26,7 +26,8 @@ constexpr int kTileVectors = 4;
 [[gnu::always_inline]] inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 [[gnu::always_inline]] inline Vec broadcast(float x) { return _mm512_set1_ps(x); }
 [[gnu::always_inline]] inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-// The first n lanes (0 <= n <= kLanes) of p, zero in the others; stored back the same way.
+// The first n lanes (0 <= n <= kLanes) of p, zero in the others; stored back the same way. (A
+// full mask loads and stores as fast as a plain load and store here.)
 [[gnu::always_inline]] inline Vec load_first(const float* p, int n) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
 }
@@ -48,8 +49,17 @@ constexpr int kTileVectors = 2;
 [[gnu::always_inline]] inline __m256i first_lanes(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-[[gnu::always_inline]] inline Vec load_first(const float* p, int n) { return _mm256_maskload_ps(p, first_lanes(n)); }
-[[gnu::always_inline]] inline void store_first(float* p, Vec v, int n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
+// As on AVX-512, but a whole vector by a plain load or store: AVX2's masked ones are slower.
+[[gnu::always_inline]] inline Vec load_first(const float* p, int n) {
+  return n == kLanes ? load(p) : _mm256_maskload_ps(p, first_lanes(n));
+}
+[[gnu::always_inline]] inline void store_first(float* p, Vec v, int n) {
+  if (n == kLanes) {
+    store(p, v);
+  } else {
+    _mm256_maskstore_ps(p, first_lanes(n), v);
+  }
+}
 [[gnu::always_inline]] inline float sum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
