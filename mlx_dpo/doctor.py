@@ -71,7 +71,7 @@ def _native_finding() -> Finding:
 def _chip_line(device: DeviceInfo) -> str:
     if device.kind == "metal":
         return f"{device.name} (Apple GPU, Metal)"
-    return f"{cpu_model()} ({os.cpu_count()} cores, {platform.machine()})"
+    return f"{cpu_identity()} ({os.cpu_count()} cores, {platform.machine()})"
 
 
 def cpu_model() -> str:
@@ -79,12 +79,43 @@ def cpu_model() -> str:
         if sys.platform == "darwin":
             return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
                                   text=True, timeout=5).stdout.strip() or "unknown CPU"
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return _cpuinfo_fields(open("/proc/cpuinfo", encoding="utf-8").read()).get("model name") or "unknown CPU"
     except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+
+
+def cpu_identity(cpuinfo: str | None = None) -> str:
+    """The CPU's name, with what tells apart machines that a virtual machine names alike (a cloud's
+    "AMD EPYC" has been Zen 3 without AVX-512 and Zen 4 with it, and the C++ kernels' speed
+    follows): its family and model and its widest vector registers, from /proc/cpuinfo (or the
+    given text). Elsewhere, the name alone."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = open("/proc/cpuinfo", encoding="utf-8").read()
+        except OSError:
+            return cpu_model()
+    fields = _cpuinfo_fields(cpuinfo)
+    if "model name" not in fields:
+        return cpu_model()
+    parts = [fields["model name"]]
+    if "cpu family" in fields and "model" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields['model']}")
+    flags = set(fields.get("flags", "").split())
+    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    if vectors:
+        parts.append(vectors)
+    return ", ".join(parts)
+
+
+def _cpuinfo_fields(cpuinfo: str) -> dict:
+    """The first processor's "name : value" lines of /proc/cpuinfo."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip().lower(), value.strip())
+    return fields
 
 
 def _version(dist: str) -> str:

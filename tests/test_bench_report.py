@@ -110,6 +110,11 @@ def test_scale_goal_follows_the_paired_ratios_when_a_run_has_them():
                            "args": {"rounds": 3, "steps": 3, "warmup": 1, "batch": 2, "seq": 256, "scale": True},
                            "cpus": 2, "matmul_peak_gflops": 260.0, "scale_paired": _paired(s512=0.93, s1024=1.08)})
     assert "`scripts/bench_scale_paired.py --cycles 8`, 2026-12-03 07:27" in text and "1.08x" in text
+    assert "on this project's Linux machine (2 CPUs, shared" in text  # results from before the CPU was recorded
+    named = report.section({**_run("2026-12-04 00:05", [_bench_row("mlx-dpo-lora", 3.0)], rows),
+                            "args": {"rounds": 3, "steps": 3, "warmup": 1, "batch": 2, "seq": 256, "scale": True},
+                            "cpus": 2, "cpu": "AMD EPYC, family 25 model 17, AVX-512", "matmul_peak_gflops": 260.0})
+    assert "Linux machine (AMD EPYC, family 25 model 17, AVX-512; 2 CPUs, shared" in named
 
 
 def test_median_interval_takes_the_order_statistics_that_cover_the_median():

@@ -152,3 +152,25 @@ def test_a_malformed_record_fails_the_doctor_as_it_would_fail_training(tmp_path,
     assert skipping.exit_code == 0
     found = findings(skipping)["train_file"]
     assert found["status"] == "warn" and "1 malformed skipped" in found["value"]
+
+
+ZEN4_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu sse avx2 fma avx512f avx512bw
+
+processor\t: 1
+model name\t: another
+"""
+
+
+def test_cpu_identity_tells_apart_cpus_a_virtual_machine_names_alike():
+    from mlx_dpo.doctor import cpu_identity
+
+    assert cpu_identity(ZEN4_CPUINFO) == "AMD EPYC, family 25 model 17, AVX-512"
+    zen3 = ZEN4_CPUINFO.replace("model\t\t: 17", "model\t\t: 1").replace(" avx512f avx512bw", "")
+    assert cpu_identity(zen3) == "AMD EPYC, family 25 model 1, AVX2"
+    arm = "processor\t: 0\nmodel name\t: Neoverse\nFeatures\t: fp asimd\n"
+    assert cpu_identity(arm) == "Neoverse"
