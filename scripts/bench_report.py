@@ -244,7 +244,7 @@ def plot(results: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("pairs / s (median step, higher is better)")
     ax.set_title(f"DPO step, {Path(results['model']).name}, batch {results['args']['batch']} pairs, "
-                 f"~{results['args']['seq']} tokens, fp32, {results['cpus']} CPUs", fontsize=9)
+                 f"~{results['args']['seq']} tokens, fp32\n{_machine(results)}", fontsize=9)
     if results["scale"]:
         ok = [r for r in results["scale"] if "error" not in r and r["batch"] == 2]
         paired = _paired_ratios(results.get("scale_paired"))
