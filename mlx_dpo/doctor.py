@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from .blas_kernels import cpu_level
 from .hardware import DeviceInfo, blas_name, cuda_device, detect_device, prepare_runtime
 
 # Variables that change how mlx-dpo, MLX, BLAS, PyTorch or the Hub behave.
@@ -84,6 +85,10 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
+# blas_kernels.cpu_level's levels, as the doctor names them.
+VECTOR_NAMES = {3: "AVX-512", 2: "AVX2", 1: "AVX"}
+
+
 def cpu_identity(cpuinfo: str | None = None) -> str:
     """The CPU's name, with what tells apart machines that a virtual machine names alike (a cloud's
     "AMD EPYC" has been Zen 3 without AVX-512 and Zen 4 with it, and the C++ kernels' speed
@@ -100,8 +105,7 @@ def cpu_identity(cpuinfo: str | None = None) -> str:
     parts = [fields["model name"]]
     if "cpu family" in fields and "model" in fields:
         parts.append(f"family {fields['cpu family']} model {fields['model']}")
-    flags = set(fields.get("flags", "").split())
-    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    vectors = VECTOR_NAMES.get(cpu_level(set(fields.get("flags", "").split())))
     if vectors:
         parts.append(vectors)
     return ", ".join(parts)

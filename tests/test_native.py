@@ -12,14 +12,13 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mlx.core as mx
 
-from mlx_dpo import native
+from mlx_dpo import blas_kernels, native
 from mlx_dpo.cpu_attention import NO_SPLIT, CausalMask
 from mlx_dpo.cpu_layers import NO_RESTART
 
@@ -366,8 +365,7 @@ def test_builds_without_avx512_compute_the_same_attention_and_lora(flags, monkey
     monkeypatch.setenv("MLX_DPO_NATIVE_DIR", str(tmp_path))
     monkeypatch.setenv("MLX_DPO_NATIVE_CXXFLAGS", flags)
     portable = native._import(native.build(quiet=True))
-    cpu_flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
-    avx2 = {"avx2", "fma"} <= cpu_flags and "-mno-avx2" not in flags
+    avx2 = {"avx2", "fma"} <= blas_kernels.cpu_flags() and "-mno-avx2" not in flags
     assert portable.vector_tiles == ("AVX2" if avx2 else "plain C++")  # the tiles the build was meant to take
     b, heads, kv_heads, t, d = 2, 4, 2, 37, 64
     keys = [mx.random.key(i) for i in range(30, 34)]
