@@ -46,14 +46,25 @@ def cpu_level(flags: set[str]) -> int:
 
 def cpu_flags() -> set[str]:
     """The first CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpuinfo_fields().get("flags", "").split())
+
+
+def cpuinfo_fields(cpuinfo: Optional[str] = None) -> dict[str, str]:
+    """The first processor's "name : value" lines of /proc/cpuinfo (or of the given text), names
+    in lower case; empty where there is no /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as info:
+                cpuinfo = info.read()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip().lower(), value.strip())
+    return fields
 
 
 def probe_kernels(library: str) -> Optional[str]:

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from .blas_kernels import cpu_level
+from .blas_kernels import cpu_level, cpuinfo_fields
 from .hardware import DeviceInfo, blas_name, cuda_device, detect_device, prepare_runtime
 
 # Variables that change how mlx-dpo, MLX, BLAS, PyTorch or the Hub behave.
@@ -75,16 +75,6 @@ def _chip_line(device: DeviceInfo) -> str:
     return f"{cpu_identity()} ({os.cpu_count()} cores, {platform.machine()})"
 
 
-def cpu_model() -> str:
-    try:
-        if sys.platform == "darwin":
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                  text=True, timeout=5).stdout.strip() or "unknown CPU"
-        return _cpuinfo_fields(open("/proc/cpuinfo", encoding="utf-8").read()).get("model name") or "unknown CPU"
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "unknown CPU"
-
-
 # blas_kernels.cpu_level's levels, as the doctor names them.
 VECTOR_NAMES = {3: "AVX-512", 2: "AVX2", 1: "AVX"}
 
@@ -94,14 +84,9 @@ def cpu_identity(cpuinfo: str | None = None) -> str:
     "AMD EPYC" has been Zen 3 without AVX-512 and Zen 4 with it, and the C++ kernels' speed
     follows): its family and model and its widest vector registers, from /proc/cpuinfo (or the
     given text). Elsewhere, the name alone."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = open("/proc/cpuinfo", encoding="utf-8").read()
-        except OSError:
-            return cpu_model()
-    fields = _cpuinfo_fields(cpuinfo)
+    fields = cpuinfo_fields(cpuinfo)
     if "model name" not in fields:
-        return cpu_model()
+        return "unknown CPU" if fields else _cpu_name_without_cpuinfo()
     parts = [fields["model name"]]
     if "cpu family" in fields and "model" in fields:
         parts.append(f"family {fields['cpu family']} model {fields['model']}")
@@ -111,15 +96,15 @@ def cpu_identity(cpuinfo: str | None = None) -> str:
     return ", ".join(parts)
 
 
-def _cpuinfo_fields(cpuinfo: str) -> dict:
-    """The first processor's "name : value" lines of /proc/cpuinfo."""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break
-        name, _, value = line.partition(":")
-        fields.setdefault(name.strip().lower(), value.strip())
-    return fields
+def _cpu_name_without_cpuinfo() -> str:
+    """macOS's brand string; elsewhere whatever the platform module knows."""
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip() or "unknown CPU"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or "unknown CPU"
 
 
 def _version(dist: str) -> str:
